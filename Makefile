@@ -1,0 +1,38 @@
+# One command runs the system, one runs the tests; both install what they need.
+PY := .venv/bin/python
+BIN := .venv/bin
+
+.PHONY: run test check lint typecheck imports unit integration e2e install clean
+
+run: install            ## The whole system locally: PostgreSQL, Redis, API, worker, beat, Flower
+	$(PY) -m scripts.run
+
+test: install check     ## Static checks, then every test (real PostgreSQL, Redis, workers)
+	$(PY) -m pytest
+
+check: lint typecheck imports
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+imports: install        ## Imports point one way: config <- orders <- sagas <- workers
+	$(BIN)/lint-imports
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: install
+	$(PY) -m pytest tests/integration
+
+e2e: install
+	$(PY) -m pytest tests/e2e
+
+install:
+	@scripts/bootstrap.sh
+
+clean:
+	rm -rf .run .venv .mypy_cache .pytest_cache .ruff_cache

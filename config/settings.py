@@ -1,0 +1,146 @@
+"""One frozen, typed settings object, read from the environment once.
+
+Defaults make the zero-configuration local run work; production refuses unsafe values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+ENVIRONMENTS = ("local", "test", "staging", "production")
+
+_N = TypeVar("_N", int, float)
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or unsafe for the chosen environment."""
+
+
+@dataclass(frozen=True)
+class PoolPreset:
+    """SQLAlchemy connection pool sizing for one kind of deployment."""
+
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: int
+
+
+#: Per-environment pool presets. A prefork worker child runs one task at a time, so a
+#: small pool per process suffices; the API serves one request per sync worker.
+#: Budget: (web workers + worker children) x (pool_size + max_overflow) < max_connections.
+POOL_PRESETS: Mapping[str, PoolPreset] = {
+    "local": PoolPreset(pool_size=2, max_overflow=3, pool_timeout=5.0, pool_recycle=1800),
+    "test": PoolPreset(pool_size=2, max_overflow=3, pool_timeout=5.0, pool_recycle=1800),
+    "staging": PoolPreset(pool_size=3, max_overflow=5, pool_timeout=10.0, pool_recycle=1800),
+    "production": PoolPreset(pool_size=5, max_overflow=10, pool_timeout=10.0, pool_recycle=1800),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process of this system needs to know about its environment."""
+
+    env: str = "local"
+    database_url: str = "postgresql+psycopg2://orders@127.0.0.1:5432/orders"
+    db_pool: PoolPreset = field(default_factory=lambda: POOL_PRESETS["local"])
+    #: Celery broker (Redis).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery result backend (Redis); holds the chord join state.
+    result_backend_url: str = "redis://127.0.0.1:6379/1"
+    #: Bearer tokens accepted by the API.
+    api_keys: frozenset[str] = frozenset()
+    #: Largest request body the API reads, in bytes (413 above).
+    max_body_bytes: int = 64 * 1024
+    #: Most lines one order may have (422 above).
+    max_order_lines: int = 100
+    #: Largest quantity of one line (422 above).
+    max_line_quantity: int = 1_000_000
+    #: A saga not finished this long after acceptance is overdue.
+    saga_deadline_seconds: float = 30.0
+    #: The outbox relay leaves a fresh record this long to the API's own dispatch.
+    outbox_grace_seconds: float = 2.0
+    #: How often beat runs the outbox relay.
+    relay_interval_seconds: float = 1.0
+    #: Seconds before Redis hands an unacknowledged message to another worker.
+    visibility_timeout: int = 300
+    #: Hard time limit of one task; kept well below the visibility timeout.
+    task_time_limit: int = 60
+    #: Socket timeout of the API's publish to the broker; past it the outbox takes over.
+    dispatch_timeout_seconds: float = 1.0
+    #: Test-only: each saga step sleeps this long first (shows the steps run in parallel).
+    step_delay_seconds: float = 0.0
+    #: Log level name for every process.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that are malformed or unsafe for the environment."""
+        if self.env not in ENVIRONMENTS:
+            raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.env!r}")
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ConfigError("TASK_TIME_LIMIT must be below VISIBILITY_TIMEOUT")
+        for name in ("max_body_bytes", "max_order_lines", "max_line_quantity"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be positive")
+        if self.env == "production":
+            if not self.api_keys:
+                raise ConfigError("API_KEYS must be set in production")
+            if self.step_delay_seconds:
+                raise ConfigError("SAGA_STEP_DELAY_SECONDS is a test setting; not in production")
+
+
+def _number(environ: Mapping[str, str], name: str, kind: type[_N], default: _N) -> _N:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def _backend_url_from(broker_url: str) -> str:
+    """Derive the result backend URL: the broker's Redis, next database number."""
+    base, sep, db = broker_url.rpartition("/")
+    if sep and db.isdigit() and "://" in base:
+        return f"{base}/{int(db) + 1}"
+    return broker_url
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from the environment (``os.environ`` unless given)."""
+    env = os.environ if environ is None else environ
+    d = Settings()
+    app_env = env.get("APP_ENV", d.env)
+    if app_env not in ENVIRONMENTS:
+        raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {app_env!r}")
+    preset = env.get("DB_POOL", app_env)
+    if preset not in POOL_PRESETS:
+        raise ConfigError(f"DB_POOL must be one of {', '.join(POOL_PRESETS)}, not {preset!r}")
+    broker_url = env.get("REDIS_URL") or d.broker_url
+    return Settings(
+        env=app_env,
+        database_url=env.get("DATABASE_URL") or d.database_url,
+        db_pool=POOL_PRESETS[preset],
+        broker_url=broker_url,
+        result_backend_url=env.get("RESULT_BACKEND_URL") or _backend_url_from(broker_url),
+        api_keys=frozenset(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+        max_body_bytes=_number(env, "MAX_BODY_BYTES", int, d.max_body_bytes),
+        max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
+        max_line_quantity=_number(env, "MAX_LINE_QUANTITY", int, d.max_line_quantity),
+        saga_deadline_seconds=_number(env, "SAGA_DEADLINE_SECONDS", float, d.saga_deadline_seconds),
+        outbox_grace_seconds=_number(env, "OUTBOX_GRACE_SECONDS", float, d.outbox_grace_seconds),
+        relay_interval_seconds=_number(
+            env, "RELAY_INTERVAL_SECONDS", float, d.relay_interval_seconds
+        ),
+        visibility_timeout=_number(env, "VISIBILITY_TIMEOUT", int, d.visibility_timeout),
+        task_time_limit=_number(env, "TASK_TIME_LIMIT", int, d.task_time_limit),
+        dispatch_timeout_seconds=_number(
+            env, "DISPATCH_TIMEOUT_SECONDS", float, d.dispatch_timeout_seconds
+        ),
+        step_delay_seconds=_number(env, "SAGA_STEP_DELAY_SECONDS", float, d.step_delay_seconds),
+        log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+    )

@@ -1,0 +1,53 @@
+"""Settings come from the environment, with defaults for the local run and guards."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import POOL_PRESETS, ConfigError, load_settings
+
+
+def test_defaults_make_the_local_run_work() -> None:
+    settings = load_settings({})
+    assert settings.env == "local"
+    assert settings.database_url.startswith("postgresql+psycopg2://")
+    assert settings.broker_url == "redis://127.0.0.1:6379/0"
+    assert settings.result_backend_url == "redis://127.0.0.1:6379/1"
+    assert settings.db_pool == POOL_PRESETS["local"]
+
+
+def test_reads_the_environment() -> None:
+    settings = load_settings(
+        {
+            "APP_ENV": "staging",
+            "REDIS_URL": "redis://:secret@127.0.0.1:7000/4",
+            "API_KEYS": " one, two ,,",
+            "MAX_ORDER_LINES": "7",
+            "SAGA_DEADLINE_SECONDS": "2.5",
+        }
+    )
+    assert settings.result_backend_url == "redis://:secret@127.0.0.1:7000/5"
+    assert settings.api_keys == {"one", "two"}
+    assert settings.max_order_lines == 7
+    assert settings.saga_deadline_seconds == 2.5
+    assert settings.db_pool == POOL_PRESETS["staging"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"APP_ENV": "prod"}, "APP_ENV"),
+        ({"MAX_ORDER_LINES": "many"}, "MAX_ORDER_LINES"),
+        ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+        ({"DB_POOL": "huge"}, "DB_POOL"),
+        ({"TASK_TIME_LIMIT": "400", "VISIBILITY_TIMEOUT": "300"}, "TASK_TIME_LIMIT"),
+        ({"APP_ENV": "production"}, "API_KEYS"),
+        (
+            {"APP_ENV": "production", "API_KEYS": "k", "SAGA_STEP_DELAY_SECONDS": "1"},
+            "test setting",
+        ),
+    ],
+)
+def test_refuses_malformed_or_unsafe_settings(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ)
