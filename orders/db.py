@@ -1,0 +1,22 @@
+"""Building database engines. Nothing connects at import time."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+
+from config.settings import Settings
+
+
+def make_engine(settings: Settings, *, application_name: str = "orders") -> Engine:
+    """Create this process's engine; a forked process must build its own."""
+    pool = settings.db_pool
+    return create_engine(
+        settings.database_url,
+        pool_size=pool.pool_size,
+        max_overflow=pool.max_overflow,
+        pool_timeout=pool.pool_timeout,
+        pool_recycle=pool.pool_recycle,
+        # A connection broken by a database restart is replaced, not handed out.
+        pool_pre_ping=True,
+        connect_args={"application_name": application_name, "connect_timeout": 5},
+    )

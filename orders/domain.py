@@ -1,0 +1,81 @@
+"""Orders, their lines and statuses, and money. Pure: no I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from enum import StrEnum
+
+#: Money has two decimal places; amounts are rounded half-even to them.
+CENT = Decimal("0.01")
+
+
+def money(value: Decimal | int | str) -> Decimal:
+    """Return ``value`` as an amount of money (a Decimal with two places)."""
+    return Decimal(value).quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+class OrderStatus(StrEnum):
+    """Where an order stands. PENDING moves once, to CONFIRMED or CANCELLED."""
+
+    PENDING = "PENDING"
+    CONFIRMED = "CONFIRMED"
+    CANCELLED = "CANCELLED"
+
+
+#: The statuses an order can move to from each status.
+TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
+    OrderStatus.PENDING: frozenset({OrderStatus.CONFIRMED, OrderStatus.CANCELLED}),
+    OrderStatus.CONFIRMED: frozenset(),
+    OrderStatus.CANCELLED: frozenset(),
+}
+
+
+class CancelReason(StrEnum):
+    """Why an order was cancelled."""
+
+    OUT_OF_STOCK = "out_of_stock"
+    CREDIT_LIMIT_EXCEEDED = "credit_limit_exceeded"
+
+
+class EventType(StrEnum):
+    """The events appended to an order's log, one per change."""
+
+    ORDER_PLACED = "OrderPlaced"
+    ORDER_CONFIRMED = "OrderConfirmed"
+    ORDER_CANCELLED = "OrderCancelled"
+
+
+@dataclass(frozen=True)
+class OrderLine:
+    """One product and how many of it."""
+
+    product_id: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class PlaceOrder:
+    """The command to accept an order, as the API parsed it."""
+
+    customer_id: str
+    lines: tuple[OrderLine, ...]
+    #: Who sent it (idempotency keys are scoped per client).
+    client: str
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """A digest of what was asked, to tell a retry from a different request."""
+        body = {
+            "customer_id": self.customer_id,
+            "lines": [[line.product_id, line.quantity] for line in self.lines],
+        }
+        canonical = json.dumps(body, separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def order_total(lines: tuple[OrderLine, ...], prices: dict[str, Decimal]) -> Decimal:
+    """The order's amount: the sum of quantity times unit price."""
+    return money(sum((prices[line.product_id] * line.quantity for line in lines), Decimal(0)))

@@ -1,0 +1,123 @@
+"""The order domain's tables (SQLAlchemy Core). Invariants live here as constraints."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+#: Constraint names follow one pattern, so migrations can name them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+Money = Numeric(14, 2)
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("credit_limit", Money, nullable=False),
+    Column("credit_used", Money, nullable=False, server_default="0"),
+    Column("credit_reserved", Money, nullable=False, server_default="0"),
+    CheckConstraint("credit_limit >= 0", name="limit_not_negative"),
+    CheckConstraint("credit_used >= 0", name="used_not_negative"),
+    CheckConstraint("credit_reserved >= 0", name="reserved_not_negative"),
+    CheckConstraint("credit_used + credit_reserved <= credit_limit", name="within_limit"),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("unit_price", Numeric(12, 2), nullable=False),
+    Column("on_hand", Integer, nullable=False),
+    Column("reserved", Integer, nullable=False, server_default="0"),
+    CheckConstraint("unit_price >= 0", name="price_not_negative"),
+    CheckConstraint("on_hand >= 0", name="on_hand_not_negative"),
+    CheckConstraint("reserved >= 0", name="reserved_not_negative"),
+    CheckConstraint("reserved <= on_hand", name="reserved_within_on_hand"),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("customer_id", String(64), ForeignKey("customers.id"), nullable=False),
+    Column("saga_id", Uuid, nullable=False, unique=True),
+    Column("status", String(20), nullable=False),
+    Column("total", Money, nullable=False),
+    Column("cancel_reason", String(64)),
+    #: The sequence number of the order's last event.
+    Column("version", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("status IN ('PENDING', 'CONFIRMED', 'CANCELLED')", name="known_status"),
+    CheckConstraint("total >= 0", name="total_not_negative"),
+    CheckConstraint("version >= 1", name="version_positive"),
+    Index("ix_orders_customer_created", "customer_id", "created_at"),
+)
+
+order_lines = Table(
+    "order_lines",
+    metadata,
+    Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("product_id", String(64), ForeignKey("products.id"), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("unit_price", Numeric(12, 2), nullable=False),
+    PrimaryKeyConstraint("order_id", "line_no"),
+    CheckConstraint("quantity > 0", name="quantity_positive"),
+    CheckConstraint("unit_price >= 0", name="price_not_negative"),
+)
+
+order_events = Table(
+    "order_events",
+    metadata,
+    Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    #: 1, 2, 3... per order, with no gap: the primary key refuses a duplicate.
+    Column("seq", Integer, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("order_id", "seq"),
+    CheckConstraint("seq >= 1", name="seq_positive"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("client", String(64), nullable=False),
+    Column("key", String(255), nullable=False),
+    #: sha256 of the canonical request body: the same key with another body is refused.
+    Column("fingerprint", String(64), nullable=False),
+    Column("order_id", Uuid, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("client", "key"),
+    # The key is claimed before the order row is written, in the same transaction.
+    ForeignKeyConstraint(
+        ["order_id"], ["orders.id"], ondelete="CASCADE", deferrable=True, initially="DEFERRED"
+    ),
+)

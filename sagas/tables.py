@@ -1,0 +1,73 @@
+"""The saga engine's tables: saga instances, their step ledger, and the dispatch outbox."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from orders.tables import NAMING_CONVENTION
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+sagas = Table(
+    "sagas",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    #: Which saga definition this instance runs (e.g. "order").
+    Column("name", String(64), nullable=False),
+    Column("state", String(32), nullable=False),
+    #: The saga's input: primitives only (ids, decimal strings, quantities).
+    Column("payload", JSONB, nullable=False),
+    Column("reason", String(64)),
+    Column("deadline_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint("state IN ('RUNNING', 'CONFIRMED', 'CANCELLED')", name="known_state"),
+    Index(
+        "ix_sagas_running_deadline",
+        "deadline_at",
+        postgresql_where=text("state = 'RUNNING'"),
+    ),
+)
+
+#: One row per (saga, step): the primary key makes each step's effect happen once.
+saga_steps = Table(
+    "saga_steps",
+    metadata,
+    Column("saga_id", Uuid, ForeignKey("sagas.id", ondelete="CASCADE"), nullable=False),
+    Column("step", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(64)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("compensated_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("saga_id", "step"),
+    CheckConstraint(
+        "status IN ('APPLIED', 'REFUSED', 'ABORTED', 'COMPENSATED')", name="known_status"
+    ),
+    CheckConstraint(
+        "(status = 'COMPENSATED') = (compensated_at IS NOT NULL)", name="compensated_has_time"
+    ),
+)
+
+#: Sagas accepted but not yet handed to the broker. The API deletes its row right after
+#: dispatching; the relay dispatches whatever is left (broker down, API crashed).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("saga_id", Uuid, ForeignKey("sagas.id", ondelete="CASCADE"), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_outbox_created_at", "created_at"),
+)

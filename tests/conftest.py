@@ -1,0 +1,86 @@
+"""Real PostgreSQL and Redis for the whole session, started on 127.0.0.1 by the tests.
+
+Nothing is skipped when a server cannot start: the session fails, loudly.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine
+
+from config.settings import POOL_PRESETS, Settings
+from orders.db import make_engine
+from scripts.services import LocalPostgres, LocalRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The API key every test client sends.
+API_KEY = "test-api-key-0123456789"
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The session's database and Redis servers."""
+
+    base: Path
+    postgres: LocalPostgres
+    redis: LocalRedis
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Run the project's Alembic migrations against ``database_url``."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, revision)
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    """PostgreSQL and Redis, migrated, for the whole session."""
+    base = Path(tempfile.mkdtemp(prefix="orders-tests-"))
+    # Crash safety of the OS is not under test here; process kills are, and they keep
+    # the page cache, so fsync off loses nothing that matters and saves time.
+    postgres = LocalPostgres(base, fsync=False)
+    redis = LocalRedis(base, password=secrets.token_hex(16))
+    postgres.start()
+    try:
+        redis.start()
+        postgres.create_database("orders")
+        migrate(postgres.url())
+        yield Servers(base, postgres, redis)
+    finally:
+        redis.stop()
+        postgres.stop("immediate")
+        assert not postgres.running(), "the test PostgreSQL server is still running"
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(servers: Servers) -> Settings:
+    """Settings pointing at the session's servers."""
+    return Settings(
+        env="test",
+        database_url=servers.postgres.url(),
+        db_pool=POOL_PRESETS["test"],
+        broker_url=servers.redis.url(0),
+        result_backend_url=servers.redis.url(1),
+        api_keys=frozenset({API_KEY}),
+        dispatch_timeout_seconds=0.5,
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    """An engine on the session's database."""
+    engine = make_engine(settings, application_name="orders-tests")
+    yield engine
+    engine.dispose()

@@ -1,0 +1,56 @@
+"""The Alembic migrations build exactly the schema the code declares, and undo it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Engine
+
+from orders.tables import metadata as orders_metadata
+from sagas.tables import metadata as sagas_metadata
+from tests.conftest import ROOT, Servers, migrate
+
+DATABASE = "orders_migrations"
+
+
+@pytest.fixture(scope="module")
+def fresh(servers: Servers) -> Iterator[Engine]:
+    servers.postgres.create_database(DATABASE)
+    engine = create_engine(servers.postgres.url(DATABASE))
+    yield engine
+    engine.dispose()
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def test_there_is_one_head() -> None:
+    assert len(ScriptDirectory.from_config(alembic_config("postgresql://")).get_heads()) == 1
+
+
+def test_migrations_match_the_declared_tables(fresh: Engine) -> None:
+    migrate(fresh.url.render_as_string(hide_password=False))
+    with fresh.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        drift = compare_metadata(context, [orders_metadata, sagas_metadata])
+    assert drift == []
+
+
+def test_migrations_downgrade_to_nothing_and_back(fresh: Engine) -> None:
+    url = fresh.url.render_as_string(hide_password=False)
+    migrate(url)
+    command.downgrade(alembic_config(url), "base")
+    assert set(inspect(fresh).get_table_names()) == {"alembic_version"}
+    migrate(url)
+    assert "orders" in inspect(fresh).get_table_names()
