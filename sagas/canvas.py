@@ -1,0 +1,67 @@
+"""Compiling a saga to a Celery chord and publishing it, by task name.
+
+The chord's messages are sent directly: the header tasks carry the body signature and
+join in the result backend's chord keys, exactly as ``celery.chord`` does, but without
+the group result barrier, which subscribes the publisher to every header task's result
+channel and never lets go (a leak in a long-running API process). Header tasks store no
+result of their own; the saga's outcome lives in PostgreSQL.
+
+Task ids are derived from the saga id, so a second dispatch of the same saga (outbox
+relay) is recognisable everywhere: in logs, in Flower, in the chord join.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from celery import Celery
+
+from sagas.definition import SagaDefinition
+
+
+def step_task_id(saga_id: UUID | str, step: str) -> str:
+    """The Celery task id of one step of one saga."""
+    return f"{saga_id}.{step}"
+
+
+def complete_task_id(saga_id: UUID | str) -> str:
+    """The Celery task id of a saga's completion."""
+    return f"{saga_id}.complete"
+
+
+def dispatch_saga(
+    app: Celery,
+    definition: SagaDefinition,
+    saga_id: UUID,
+    payload: Mapping[str, Any],
+    *,
+    retry: bool = True,
+) -> None:
+    """Publish the saga's chord: every step in parallel, then its completion.
+
+    Raises the broker's error when it cannot be reached (and ``retry`` is off)."""
+    group_id = str(saga_id)
+    body = app.signature(
+        definition.complete_task,
+        args=(str(saga_id),),
+        queue=definition.queue,
+        ignore_result=True,
+    )
+    body.freeze(complete_task_id(saga_id), group_id=group_id)
+    app.backend.set_chord_size(group_id, len(definition.steps))
+    with app.producer_or_acquire() as producer:
+        for index, step in enumerate(definition.steps):
+            app.send_task(
+                step.task,
+                args=(str(saga_id), dict(payload)),
+                task_id=step_task_id(saga_id, step.name),
+                queue=definition.queue,
+                chord=body,
+                group_id=group_id,
+                group_index=index,
+                ignore_result=True,
+                producer=producer,
+                retry=retry,
+            )

@@ -1,0 +1,106 @@
+"""Getting sagas onto the broker: staged with the order, dispatched right after the
+commit, and relayed from the outbox when that dispatch did not happen."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from celery import Celery
+from sqlalchemy import Connection, Engine, delete, select, text
+
+from orders.ports import SagaStart
+from sagas.canvas import dispatch_saga
+from sagas.definition import SagaDefinition
+from sagas.engine import SagaState
+from sagas.store import create_saga
+from sagas.tables import outbox, sagas
+
+logger = logging.getLogger(__name__)
+
+#: Most outbox entries one relay run dispatches.
+RELAY_BATCH = 200
+
+
+def stage_saga(
+    conn: Connection, definition: SagaDefinition, start: SagaStart, *, deadline: timedelta
+) -> None:
+    """Record a running saga and its outbox entry in the caller's transaction."""
+    now = datetime.now(UTC)
+    create_saga(
+        conn, start.saga_id, definition.name, start.payload, now=now, deadline_at=now + deadline
+    )
+
+
+class ChordLauncher:
+    """The ``SagaStarter`` of the API: stages the saga in the order's transaction, then
+    publishes its chord; the outbox relay covers a publish that failed."""
+
+    def __init__(
+        self, engine: Engine, app: Celery, definition: SagaDefinition, deadline: timedelta
+    ) -> None:
+        self.engine = engine
+        self.app = app
+        self.definition = definition
+        self.deadline = deadline
+
+    def stage(self, conn: Connection, start: SagaStart) -> None:
+        """Record the running saga and its outbox entry in the caller's transaction."""
+        stage_saga(conn, self.definition, start, deadline=self.deadline)
+
+    def launch(self, start: SagaStart) -> bool:
+        """Publish the saga now and clear its outbox entry; False if left to the relay."""
+        try:
+            # No publish retries: a broker that does not answer costs the client at most
+            # the socket timeout; the outbox entry makes the order durable anyway.
+            dispatch_saga(self.app, self.definition, start.saga_id, start.payload, retry=False)
+        except Exception as exc:
+            logger.warning("saga %s left to the outbox relay: %r", start.saga_id, exc)
+            return False
+        try:
+            with self.engine.begin() as conn:
+                # Losing this delete in a crash only means one harmless second dispatch.
+                conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                conn.execute(delete(outbox).where(outbox.c.saga_id == start.saga_id))
+        except Exception as exc:
+            logger.warning("saga %s dispatched; outbox entry kept: %r", start.saga_id, exc)
+        return True
+
+
+def relay_outbox(
+    engine: Engine,
+    app: Celery,
+    definitions: Mapping[str, SagaDefinition],
+    *,
+    grace: timedelta,
+    limit: int = RELAY_BATCH,
+) -> int:
+    """Dispatch the sagas whose outbox entry is older than ``grace``; return how many.
+
+    Entries are claimed with SKIP LOCKED, so relays may run side by side. A failed
+    publish rolls the claim back and the next run tries again."""
+    cutoff = datetime.now(UTC) - grace
+    with engine.begin() as conn:
+        claimed = conn.execute(
+            select(sagas.c.id, sagas.c.name, sagas.c.state, sagas.c.payload)
+            .join(outbox, outbox.c.saga_id == sagas.c.id)
+            .where(outbox.c.created_at < cutoff)
+            .order_by(outbox.c.created_at)
+            .limit(limit)
+            .with_for_update(of=outbox, skip_locked=True)
+        ).all()
+        if not claimed:
+            return 0
+        dispatched = 0
+        for saga in claimed:
+            if saga.state != SagaState.RUNNING:
+                continue  # finished meanwhile (its dispatch worked, the delete did not)
+            dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
+            dispatched += 1
+        ids: list[UUID] = [saga.id for saga in claimed]
+        conn.execute(delete(outbox).where(outbox.c.saga_id.in_(ids)))
+    if dispatched:
+        logger.info("outbox relay dispatched %d sagas", dispatched)
+    return dispatched

@@ -1,0 +1,82 @@
+"""The order saga: reserve stock and reserve credit in parallel, then confirm the order or
+release what was reserved and cancel it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Connection
+
+from config import names
+from orders import credit, inventory, services
+from orders.domain import CancelReason
+from sagas.definition import SagaDefinition, Step
+
+RESERVE_STOCK = "reserve_stock"
+RESERVE_CREDIT = "reserve_credit"
+
+ORDER_SAGA = SagaDefinition(
+    name="order",
+    steps=(
+        Step(RESERVE_STOCK, names.RESERVE_STOCK),
+        Step(RESERVE_CREDIT, names.RESERVE_CREDIT),
+    ),
+    complete_task=names.COMPLETE_ORDER,
+    queue=names.SAGA_QUEUE,
+)
+
+
+def _lines(payload: Mapping[str, Any]) -> list[tuple[str, int]]:
+    return [(str(product_id), int(quantity)) for product_id, quantity in payload["lines"]]
+
+
+def _customer(payload: Mapping[str, Any]) -> str:
+    return str(payload["customer_id"])
+
+
+def _amount(payload: Mapping[str, Any]) -> Decimal:
+    return Decimal(payload["amount"])
+
+
+class OrderSaga:
+    """The order saga's effects, for ``sagas.runner`` (see ``SagaHandlers``)."""
+
+    definition = ORDER_SAGA
+
+    def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
+        """Reserve the stock or the credit; the refusal reason when there is not enough."""
+        if step == RESERVE_STOCK:
+            if inventory.reserve_stock(conn, _lines(payload)):
+                return None
+            return CancelReason.OUT_OF_STOCK.value
+        if step == RESERVE_CREDIT:
+            if credit.reserve_credit(conn, _customer(payload), _amount(payload)):
+                return None
+            return CancelReason.CREDIT_LIMIT_EXCEEDED.value
+        raise ValueError(f"the order saga has no step {step!r}")
+
+    def compensate(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> None:
+        """Release the stock or the credit that the step reserved."""
+        if step == RESERVE_STOCK:
+            inventory.release_stock(conn, _lines(payload))
+        elif step == RESERVE_CREDIT:
+            credit.release_credit(conn, _customer(payload), _amount(payload))
+        else:
+            raise ValueError(f"the order saga has no step {step!r}")
+
+    def confirm(self, conn: Connection, payload: Mapping[str, Any]) -> None:
+        """Turn both reservations into stock gone and credit used; confirm the order."""
+        inventory.commit_stock(conn, _lines(payload))
+        credit.commit_credit(conn, _customer(payload), _amount(payload))
+        services.confirm_order(conn, UUID(payload["order_id"]))
+
+    def cancel(self, conn: Connection, payload: Mapping[str, Any], reason: str) -> None:
+        """Cancel the order with the reason."""
+        services.cancel_order(conn, UUID(payload["order_id"]), reason)
+
+
+#: Every saga definition by name, for the outbox relay.
+DEFINITIONS: Mapping[str, SagaDefinition] = {ORDER_SAGA.name: ORDER_SAGA}
