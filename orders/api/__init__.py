@@ -1,0 +1,56 @@
+"""The HTTP API: ``create_app()`` builds a Flask app; the entry point supplies the saga starter."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, json
+from redis import Redis
+from sqlalchemy import Engine, text
+
+from config.settings import Settings, load_settings
+from orders.api.health import health_blueprint
+from orders.api.openapi import openapi_document
+from orders.api.problems import register_error_handlers
+from orders.api.routes import orders_blueprint
+from orders.db import make_engine
+from orders.ports import SagaStarter
+
+#: Seconds a readiness probe waits for the database or Redis.
+READY_TIMEOUT = 0.5
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    starter: SagaStarter,
+    engine: Engine | None = None,
+) -> Flask:
+    """Build the API. ``starter`` dispatches sagas; ``engine`` defaults to a new one."""
+    settings = settings or load_settings()
+    engine = engine or make_engine(settings, application_name="orders-api")
+    app = Flask(__name__)
+    # Never the debugger. Bodies past the limit are refused with 413: by Content-Length
+    # before reading, or after reading one byte too many (see routes._json_body).
+    app.config.update(DEBUG=False, MAX_CONTENT_LENGTH=settings.max_body_bytes + 1)
+    register_error_handlers(app)
+
+    redis = Redis.from_url(
+        settings.broker_url, socket_timeout=READY_TIMEOUT, socket_connect_timeout=READY_TIMEOUT
+    )
+
+    def database() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SET LOCAL statement_timeout = 500"))
+            conn.execute(text("SELECT 1"))
+
+    def broker() -> None:
+        redis.ping()
+
+    app.register_blueprint(health_blueprint({"database": database, "redis": broker}))
+    app.register_blueprint(orders_blueprint(settings, engine, starter))
+    spec = json.dumps(openapi_document())
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        return Response(spec, mimetype="application/json")
+
+    return app

@@ -1,0 +1,69 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, json
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, OrderNotFoundError
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str | None = None, **extensions: Any) -> Response:
+    """A problem-details response."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extensions)
+    return Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+
+
+def validation_problem(exc: ValidationError) -> Response:
+    """A 422 naming each field that failed validation, and why."""
+    errors = [
+        {"loc": ".".join(str(part) for part in error["loc"]), "msg": error["msg"]}
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
+    return problem(
+        422, "Invalid order", "the request body does not match the schema", errors=errors
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every error to a problem response; unexpected ones to a bare 500."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = problem(exc.code or 500, exc.name, exc.description)
+        for header in ("WWW-Authenticate", "Allow"):
+            if exc.get_response().headers.get(header):
+                response.headers[header] = exc.get_response().headers[header]
+        return response
+
+    @app.errorhandler(ValidationError)
+    def invalid_body(exc: ValidationError) -> Response:
+        return validation_problem(exc)
+
+    @app.errorhandler(InvalidOrderError)
+    def invalid_order(exc: InvalidOrderError) -> Response:
+        return problem(422, "Invalid order", exc.detail, errors=exc.errors)
+
+    @app.errorhandler(IdempotencyKeyReusedError)
+    def key_reused(exc: IdempotencyKeyReusedError) -> Response:
+        return problem(422, "Idempotency-Key reused", str(exc))
+
+    @app.errorhandler(OrderNotFoundError)
+    def not_found(exc: OrderNotFoundError) -> Response:
+        return problem(404, "Not Found", str(exc))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        logger.exception("unhandled error", exc_info=exc)
+        return problem(500, "Internal Server Error")

@@ -1,0 +1,87 @@
+"""The API's request and response bodies (pydantic), the source of the OpenAPI schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+#: Customer and product ids: letters, digits and ``. _ : -``, up to 64 characters.
+Ref = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+#: Amounts of money travel as decimal strings ("12.50"), never as JSON numbers.
+MoneyText = Annotated[str, Field(pattern=r"^-?\d+\.\d{2}$", examples=["12.50"])]
+
+
+class LineIn(BaseModel):
+    """One line of an order: a product and a whole, positive quantity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    product_id: Ref
+    quantity: Annotated[int, Field(ge=1)]
+
+
+class OrderIn(BaseModel):
+    """The body of ``POST /orders``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    customer_id: Ref
+    lines: Annotated[list[LineIn], Field(min_length=1)]
+
+
+class Links(BaseModel):
+    """Where to read the order."""
+
+    self: str
+    status: str
+
+
+class AcceptedOut(BaseModel):
+    """The answer to an accepted order (202)."""
+
+    order_id: UUID
+    status: str
+    links: Links
+
+
+class StatusOut(BaseModel):
+    """An order's status."""
+
+    order_id: UUID
+    status: str
+    cancel_reason: str | None
+    updated_at: datetime
+
+
+class LineOut(BaseModel):
+    """One line of an order as stored."""
+
+    product_id: str
+    quantity: int
+    unit_price: MoneyText
+
+
+class OrderOut(BaseModel):
+    """An order with its lines."""
+
+    order_id: UUID
+    customer_id: str
+    status: str
+    cancel_reason: str | None
+    total: MoneyText
+    lines: list[LineOut]
+    created_at: datetime
+    updated_at: datetime
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[dict[str, str]] | None = None
