@@ -1,0 +1,24 @@
+"""gunicorn settings for the API.
+
+gunicorn -c python:config.gunicorn 'workers.web:create_app()'
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Loopback unless told otherwise (API_BIND=0.0.0.0 in a container).
+bind = f"{os.environ.get('API_BIND', '127.0.0.1')}:{os.environ.get('API_PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "4"))
+#: A request that runs past this is killed; the client sees a dropped connection.
+timeout = 30
+graceful_timeout = 10
+#: Recycle workers now and then (with jitter, so not all at once).
+max_requests = 20000
+max_requests_jitter = 2000
+#: No --preload: each worker builds its own app, engine and broker connections.
+preload_app = False
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()

@@ -1,0 +1,165 @@
+"""The system's real processes (gunicorn, celery worker), started for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from config.settings import Settings
+from scripts.services import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+class Service:
+    """One long-running process in its own session, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process (its log is appended to)."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group; SIGKILL it if it does not go in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+
+    def log(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 60.0) -> None:
+        """Wait until the log matches ``pattern``; fail early if the process died."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.log()):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited ({self.process.returncode}):\n{self.log()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name}: no {pattern!r} after {timeout} s:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a process of the system reads its settings from."""
+    env = {
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        "APP_ENV": settings.env,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.broker_url,
+        "RESULT_BACKEND_URL": settings.result_backend_url,
+        "API_KEYS": ",".join(sorted(settings.api_keys)),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Stack:
+    """The API under gunicorn and a saga worker, on the given settings."""
+
+    settings: Settings
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    worker_concurrency: int = 2
+    api_port: int = field(default_factory=free_port)
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        """Where the API listens."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> None:
+        """Start the worker and the API; return once both serve."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = process_env(self.settings, **self.extra_env)
+        worker = Service(
+            "worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "workers.app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                str(self.worker_concurrency),
+                "-Q",
+                "saga.high,default",
+                "-n",
+                f"e2e-{self.api_port}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "INFO",
+            ],
+            env,
+            self.log_dir,
+        )
+        web = Service(
+            "web",
+            [str(BIN / "gunicorn"), "-c", "python:config.gunicorn", "workers.web:create_app()"],
+            {**env, "API_PORT": str(self.api_port), "WEB_CONCURRENCY": "2"},
+            self.log_dir,
+        )
+        self.services = [worker, web]
+        for service in self.services:
+            service.start()
+        worker.wait_for_log(r"ready\.")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API never became ready:\n{web.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop every process of the stack."""
+        for service in reversed(self.services):
+            service.stop()
+
+    def logs(self, tail: int = 4000) -> str:
+        """The end of each process's log, for a failing test's report."""
+        return "\n".join(f"----- {s.name} -----\n{s.log()[-tail:]}" for s in self.services)

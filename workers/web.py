@@ -1,0 +1,29 @@
+"""Entry point of the API process: ``gunicorn 'workers.web:create_app()'``.
+
+Composes the HTTP API (``orders.api``) with the saga launcher (``sagas.launch``) that
+publishes chords through a publisher-only Celery app."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import Flask
+
+from config.logs import configure_logging
+from config.settings import load_settings
+from orders import api
+from orders.db import make_engine
+from sagas.launch import ChordLauncher
+from sagas.order import ORDER_SAGA
+from workers.celery_app import create_celery
+
+
+def create_app() -> Flask:
+    """Build the API with its saga launcher, from the environment."""
+    settings = load_settings()
+    configure_logging(settings)
+    engine = make_engine(settings, application_name="orders-api")
+    publisher = create_celery(settings, publisher=True)
+    deadline = timedelta(seconds=settings.saga_deadline_seconds)
+    launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
+    return api.create_app(settings, starter=launcher, engine=engine)
