@@ -71,5 +71,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 # A relay run that waited longer than its period is superseded by the next.
                 "options": {"expires": settings.relay_interval_seconds * 5},
             },
+            "sweep-sagas": {
+                "task": names.SWEEP_SAGAS,
+                "schedule": settings.sweep_interval_seconds,
+                "options": {"expires": settings.sweep_interval_seconds * 5},
+            },
         },
     }

@@ -19,6 +19,8 @@ RESERVE_CREDIT = "saga.order.reserve_credit"
 COMPLETE_ORDER = "saga.order.complete"
 #: Outbox relay: dispatch sagas whose fast-path dispatch did not happen.
 RELAY_OUTBOX = "housekeeping.relay_outbox"
+#: Deadline sweeper: redrive or finish sagas past their deadline.
+SWEEP_SAGAS = "housekeeping.sweep_sagas"
 
 #: Routes by task name; anything unlisted goes to DEFAULT_QUEUE.
 ROUTES: dict[str, str] = {
@@ -26,4 +28,5 @@ ROUTES: dict[str, str] = {
     RESERVE_CREDIT: SAGA_QUEUE,
     COMPLETE_ORDER: SAGA_QUEUE,
     RELAY_OUTBOX: DEFAULT_QUEUE,
+    SWEEP_SAGAS: DEFAULT_QUEUE,
 }

@@ -61,6 +61,15 @@ class Settings:
     max_line_quantity: int = 1_000_000
     #: A saga not finished this long after acceptance is overdue.
     saga_deadline_seconds: float = 30.0
+    #: How often beat runs the deadline sweeper.
+    sweep_interval_seconds: float = 5.0
+    #: How many times an overdue saga's chord is dispatched again before its missing
+    #: steps are aborted and it is compensated.
+    max_redrives: int = 1
+    #: A failed compensation is tried again after this long.
+    compensation_retry_seconds: float = 60.0
+    #: A message delivered more often than this (its worker crashed each time) is not run.
+    max_redeliveries: int = 5
     #: The outbox relay leaves a fresh record this long to the API's own dispatch.
     outbox_grace_seconds: float = 2.0
     #: How often beat runs the outbox relay.
@@ -82,7 +91,7 @@ class Settings:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.env!r}")
         if self.task_time_limit >= self.visibility_timeout:
             raise ConfigError("TASK_TIME_LIMIT must be below VISIBILITY_TIMEOUT")
-        for name in ("max_body_bytes", "max_order_lines", "max_line_quantity"):
+        for name in ("max_body_bytes", "max_order_lines", "max_line_quantity", "max_redeliveries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.env == "production":
@@ -132,6 +141,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
         max_line_quantity=_number(env, "MAX_LINE_QUANTITY", int, d.max_line_quantity),
         saga_deadline_seconds=_number(env, "SAGA_DEADLINE_SECONDS", float, d.saga_deadline_seconds),
+        sweep_interval_seconds=_number(
+            env, "SWEEP_INTERVAL_SECONDS", float, d.sweep_interval_seconds
+        ),
+        max_redrives=_number(env, "MAX_REDRIVES", int, d.max_redrives),
+        compensation_retry_seconds=_number(
+            env, "COMPENSATION_RETRY_SECONDS", float, d.compensation_retry_seconds
+        ),
+        max_redeliveries=_number(env, "MAX_REDELIVERIES", int, d.max_redeliveries),
         outbox_grace_seconds=_number(env, "OUTBOX_GRACE_SECONDS", float, d.outbox_grace_seconds),
         relay_interval_seconds=_number(
             env, "RELAY_INTERVAL_SECONDS", float, d.relay_interval_seconds

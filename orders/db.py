@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError
 
 from config.settings import Settings
 
@@ -20,3 +21,8 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
         pool_pre_ping=True,
         connect_args={"application_name": application_name, "connect_timeout": 5},
     )
+
+
+#: Database errors that pass with time: connection refused or dropped, a deadlock or a
+#: serialization failure (OperationalError), a pool with no free connection.
+TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, TimeoutError)

@@ -18,19 +18,29 @@ def money(value: Decimal | int | str) -> Decimal:
 
 
 class OrderStatus(StrEnum):
-    """Where an order stands. PENDING moves once, to CONFIRMED or CANCELLED."""
+    """Where an order stands. PENDING ends CONFIRMED or CANCELLED; an order whose
+    reservations could not be released waits in COMPENSATION_FAILED until they are."""
 
     PENDING = "PENDING"
     CONFIRMED = "CONFIRMED"
     CANCELLED = "CANCELLED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
 
 
 #: The statuses an order can move to from each status.
 TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
-    OrderStatus.PENDING: frozenset({OrderStatus.CONFIRMED, OrderStatus.CANCELLED}),
+    OrderStatus.PENDING: frozenset(
+        {OrderStatus.CONFIRMED, OrderStatus.CANCELLED, OrderStatus.COMPENSATION_FAILED}
+    ),
+    OrderStatus.COMPENSATION_FAILED: frozenset({OrderStatus.CANCELLED}),
     OrderStatus.CONFIRMED: frozenset(),
     OrderStatus.CANCELLED: frozenset(),
 }
+
+
+def statuses_before(status: OrderStatus) -> frozenset[OrderStatus]:
+    """The statuses from which an order may move to ``status``."""
+    return frozenset(old for old, new in TRANSITIONS.items() if status in new)
 
 
 class CancelReason(StrEnum):
@@ -46,6 +56,7 @@ class EventType(StrEnum):
     ORDER_PLACED = "OrderPlaced"
     ORDER_CONFIRMED = "OrderConfirmed"
     ORDER_CANCELLED = "OrderCancelled"
+    ORDER_COMPENSATION_FAILED = "OrderCompensationFailed"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class OrderView:
     customer_id: str
     status: str
     cancel_reason: str | None
+    #: What went wrong while the order is COMPENSATION_FAILED.
+    problem: str | None
     total: Decimal
     lines: tuple[LineView, ...]
     created_at: datetime
@@ -66,6 +68,7 @@ def get_order(engine: Engine, order_id: UUID) -> OrderView | None:
                 orders.c.customer_id,
                 orders.c.status,
                 orders.c.cancel_reason,
+                orders.c.problem,
                 orders.c.total,
                 orders.c.created_at,
                 orders.c.updated_at,
@@ -85,6 +88,7 @@ def get_order(engine: Engine, order_id: UUID) -> OrderView | None:
         customer_id=first.customer_id,
         status=first.status,
         cancel_reason=first.cancel_reason,
+        problem=first.problem,
         total=first.total,
         lines=tuple(LineView(r.product_id, r.quantity, r.unit_price) for r in rows),
         created_at=first.created_at,

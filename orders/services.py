@@ -12,7 +12,15 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine, exists, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from orders.domain import CancelReason, EventType, OrderStatus, PlaceOrder, order_total
+from config.failpoints import failpoint
+from orders.domain import (
+    CancelReason,
+    EventType,
+    OrderStatus,
+    PlaceOrder,
+    order_total,
+    statuses_before,
+)
 from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, InvalidTransitionError
 from orders.ports import SagaStart, SagaStarter
 from orders.tables import customers, idempotency_keys, order_events, order_lines, orders, products
@@ -80,35 +88,75 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
             },
         )
         starter.stage(conn, start)
+    failpoint("api.after_commit")
     starter.launch(start)
     return Accepted(order_id=order_id, saga_id=saga_id)
 
 
 def confirm_order(conn: Connection, order_id: UUID) -> None:
     """Mark a pending order confirmed and append OrderConfirmed."""
-    _finish(conn, order_id, OrderStatus.CONFIRMED, None)
+    _move(conn, order_id, OrderStatus.CONFIRMED, EventType.ORDER_CONFIRMED, {})
 
 
 def cancel_order(conn: Connection, order_id: UUID, reason: CancelReason | str) -> None:
-    """Mark a pending order cancelled with its reason and append OrderCancelled."""
-    _finish(conn, order_id, OrderStatus.CANCELLED, str(reason))
+    """Mark the order cancelled with its reason and append OrderCancelled."""
+    _move(
+        conn,
+        order_id,
+        OrderStatus.CANCELLED,
+        EventType.ORDER_CANCELLED,
+        {"reason": str(reason)},
+        cancel_reason=str(reason),
+        problem=None,
+    )
 
 
-def _finish(conn: Connection, order_id: UUID, status: OrderStatus, reason: str | None) -> None:
+def mark_compensation_failed(conn: Connection, order_id: UUID, reason: str, problem: str) -> None:
+    """Record that the order's reservations could not be released (yet).
+
+    The first time appends OrderCompensationFailed; later failures only update the
+    problem, so a retried compensation does not grow the event log."""
+    status = conn.execute(
+        select(orders.c.status).where(orders.c.id == order_id).with_for_update()
+    ).scalar_one()
+    if status == OrderStatus.COMPENSATION_FAILED:
+        conn.execute(
+            update(orders)
+            .where(orders.c.id == order_id)
+            .values(problem=problem, updated_at=datetime.now(UTC))
+        )
+        return
+    _move(
+        conn,
+        order_id,
+        OrderStatus.COMPENSATION_FAILED,
+        EventType.ORDER_COMPENSATION_FAILED,
+        {"reason": reason, "problem": problem},
+        cancel_reason=reason,
+        problem=problem,
+    )
+
+
+def _move(
+    conn: Connection,
+    order_id: UUID,
+    status: OrderStatus,
+    event: EventType,
+    payload: dict[str, Any],
+    **columns: Any,
+) -> None:
+    """Change the order's status if the transition is legal, and append its event."""
     now = datetime.now(UTC)
     version = conn.execute(
         update(orders)
         .where(orders.c.id == order_id)
-        .where(orders.c.status == OrderStatus.PENDING)
-        .values(status=status, cancel_reason=reason, version=orders.c.version + 1, updated_at=now)
+        .where(orders.c.status.in_(statuses_before(status)))
+        .values(status=status, version=orders.c.version + 1, updated_at=now, **columns)
         .returning(orders.c.version)
     ).scalar_one_or_none()
     if version is None:
-        raise InvalidTransitionError(f"order {order_id} is not pending; cannot become {status}")
-    event = (
-        EventType.ORDER_CONFIRMED if status is OrderStatus.CONFIRMED else EventType.ORDER_CANCELLED
-    )
-    _append_event(conn, order_id, version, event, {"reason": reason} if reason else {}, now)
+        raise InvalidTransitionError(f"order {order_id} cannot become {status}")
+    _append_event(conn, order_id, version, event, payload, now)
 
 
 def _append_event(

@@ -15,6 +15,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     Uuid,
     text,
 )
@@ -70,11 +71,16 @@ orders = Table(
     Column("status", String(20), nullable=False),
     Column("total", Money, nullable=False),
     Column("cancel_reason", String(64)),
+    #: What went wrong, while the order is COMPENSATION_FAILED.
+    Column("problem", Text),
     #: The sequence number of the order's last event.
     Column("version", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
-    CheckConstraint("status IN ('PENDING', 'CONFIRMED', 'CANCELLED')", name="known_status"),
+    CheckConstraint(
+        "status IN ('PENDING', 'CONFIRMED', 'CANCELLED', 'COMPENSATION_FAILED')",
+        name="known_status",
+    ),
     CheckConstraint("total >= 0", name="total_not_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
     Index("ix_orders_customer_created", "customer_id", "created_at"),

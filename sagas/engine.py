@@ -24,14 +24,25 @@ class StepStatus(StrEnum):
 
 
 class SagaState(StrEnum):
-    """Where a saga stands. RUNNING moves once, to CONFIRMED or CANCELLED."""
+    """Where a saga stands. RUNNING ends CONFIRMED or CANCELLED. A saga whose
+    compensation failed waits in COMPENSATION_FAILED, retried, until it is CANCELLED."""
 
     RUNNING = "RUNNING"
     CONFIRMED = "CONFIRMED"
     CANCELLED = "CANCELLED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
 
 
 TERMINAL_STATES = frozenset({SagaState.CONFIRMED, SagaState.CANCELLED})
+#: States the sweeper watches.
+ACTIVE_STATES = frozenset({SagaState.RUNNING, SagaState.COMPENSATION_FAILED})
+
+#: A step that had not run when the saga passed its deadline (for good).
+DEADLINE_EXCEEDED = "deadline_exceeded"
+#: A step whose task failed for good (retries exhausted, or an unexpected error).
+STEP_FAILED = "step_failed"
+#: Every step applied, but making the effects final failed; the saga cancels instead.
+CONFIRMATION_FAILED = "confirmation_failed"
 
 
 @dataclass(frozen=True)
@@ -56,18 +67,28 @@ class Decision:
     reason: str | None = None
 
 
-def decide(definition: SagaDefinition, outcomes: Mapping[str, StepOutcome]) -> Decision:
+def decide(
+    definition: SagaDefinition,
+    outcomes: Mapping[str, StepOutcome],
+    *,
+    cancel_reason: str | None = None,
+) -> Decision:
     """Confirm when every step applied; otherwise compensate the applied ones and cancel
-    with the reason of the first step (in declaration order) that did not apply."""
+    with the reason of the first step (in declaration order) that did not apply.
+
+    With ``cancel_reason``, cancel whatever the outcomes (compensating every applied
+    step): the saga could not be confirmed, or its earlier cancellation must finish."""
     missing = [name for name in definition.step_names if name not in outcomes]
     if missing:
         raise ValueError(f"no outcome for steps {missing} of saga {definition.name!r}")
     statuses = {name: outcomes[name].status for name in definition.step_names}
     if any(status is StepStatus.COMPENSATED for status in statuses.values()):
         raise ValueError("a saga with compensated steps was already decided")
-    if all(status is StepStatus.APPLIED for status in statuses.values()):
-        return Decision(SagaState.CONFIRMED)
     applied = tuple(name for name, status in statuses.items() if status is StepStatus.APPLIED)
+    if cancel_reason is not None:
+        return Decision(SagaState.CANCELLED, compensate=applied, reason=cancel_reason)
+    if len(applied) == len(statuses):
+        return Decision(SagaState.CONFIRMED)
     reason = next(
         outcomes[name].reason
         for name, status in statuses.items()

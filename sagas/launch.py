@@ -11,6 +11,7 @@ from uuid import UUID
 from celery import Celery
 from sqlalchemy import Connection, Engine, delete, select, text
 
+from config.failpoints import failpoint
 from orders.ports import SagaStart
 from sagas.canvas import dispatch_saga
 from sagas.definition import SagaDefinition
@@ -59,6 +60,7 @@ class ChordLauncher:
         except Exception as exc:
             logger.warning("saga %s left to the outbox relay: %r", start.saga_id, exc)
             return False
+        failpoint("launch.after_publish")
         try:
             with self.engine.begin() as conn:
                 # Losing this delete in a crash only means one harmless second dispatch.
@@ -99,6 +101,7 @@ def relay_outbox(
                 continue  # finished meanwhile (its dispatch worked, the delete did not)
             dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
             dispatched += 1
+        failpoint("relay.after_publish")
         ids: list[UUID] = [saga.id for saga in claimed]
         conn.execute(delete(outbox).where(outbox.c.saga_id.in_(ids)))
     if dispatched:

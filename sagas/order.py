@@ -77,6 +77,12 @@ class OrderSaga:
         """Cancel the order with the reason."""
         services.cancel_order(conn, UUID(payload["order_id"]), reason)
 
+    def compensation_failed(
+        self, conn: Connection, payload: Mapping[str, Any], reason: str, problem: str
+    ) -> None:
+        """Show on the order that its reservations are not released yet, and why."""
+        services.mark_compensation_failed(conn, UUID(payload["order_id"]), reason, problem)
+
 
 #: Every saga definition by name, for the outbox relay.
 DEFINITIONS: Mapping[str, SagaDefinition] = {ORDER_SAGA.name: ORDER_SAGA}

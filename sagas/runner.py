@@ -3,7 +3,10 @@
 A step's effect and its ledger row commit in one transaction; a redelivered step finds
 its row, rolls its repeated effect back and returns the recorded outcome, so the chord
 sees the identical result. Completion locks the saga row, decides from the ledger, and
-confirms or compensates in one transaction; a second completion finds the saga finished.
+confirms or compensates in one transaction; a second completion finds the saga final.
+A completion that cannot be carried out is never dropped: a failed confirmation turns
+into a cancellation, and a failed compensation leaves the saga COMPENSATION_FAILED,
+with its error, to be tried again.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
 from sqlalchemy import Connection, Engine
 
+from config.failpoints import failpoint
+from orders.db import TRANSIENT_DB_ERRORS
 from sagas import store
 from sagas.definition import SagaDefinition
 from sagas.engine import (
+    CONFIRMATION_FAILED,
     TERMINAL_STATES,
     Decision,
     SagaState,
@@ -28,6 +34,7 @@ from sagas.engine import (
     StepStatus,
     decide,
 )
+from sagas.store import LockedSaga
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +56,26 @@ class SagaHandlers(Protocol):
     def cancel(self, conn: Connection, payload: Mapping[str, Any], reason: str) -> None:
         """Record the saga's failure (its applied steps were compensated)."""
 
+    def compensation_failed(
+        self, conn: Connection, payload: Mapping[str, Any], reason: str, problem: str
+    ) -> None:
+        """Record that the applied steps could not be undone (yet)."""
+
+
+class StepsPending(Exception):
+    """The saga cannot be decided yet: some of its steps have no outcome."""
+
 
 class _AlreadyRecorded(Exception):
     """The ledger already holds this step's outcome: roll the repeated effect back."""
+
+
+class _DecisionFailed(Exception):
+    """Carrying out a decision failed (not transiently); its transaction rolled back."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision)
+        self.decision = decision
 
 
 def run_step(
@@ -75,22 +99,66 @@ def run_step(
             now = datetime.now(UTC)
             if not store.record_step(conn, saga_id, outcome, started_at=started_at, now=now):
                 raise _AlreadyRecorded
+            failpoint("step.before_commit")
     except _AlreadyRecorded:
         with engine.connect() as conn:
             outcome = store.read_step(conn, saga_id, step)
         logger.info("saga %s step %s was already recorded: %s", saga_id, step, outcome.status)
+    failpoint("step.after_commit")
     return outcome
+
+
+def abort_step(engine: Engine, saga_id: UUID, step: str, reason: str) -> StepOutcome:
+    """Record that a step will never take effect, unless it already has an outcome;
+    return the ledger's outcome either way. A late delivery of the step then does nothing."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        store.record_step(
+            conn, saga_id, StepOutcome(step, StepStatus.ABORTED, reason), started_at=now, now=now
+        )
+        return store.read_step(conn, saga_id, step)
 
 
 @dataclass(frozen=True)
 class Completion:
-    """What completing a saga did: its decision, or nothing if it was already finished."""
+    """What completing a saga did: its decision, or None if it was already final."""
 
     decision: Decision | None
 
 
-def complete(engine: Engine, saga: SagaHandlers, saga_id: UUID) -> Completion:
-    """Confirm the saga, or compensate its applied steps and cancel it. Idempotent."""
+def complete(
+    engine: Engine,
+    saga: SagaHandlers,
+    saga_id: UUID,
+    *,
+    retry_after: timedelta,
+    abort_missing: str | None = None,
+) -> Completion:
+    """Confirm the saga, or compensate its applied steps and cancel it. Idempotent.
+
+    Steps with no outcome raise StepsPending, unless ``abort_missing`` names the reason
+    to record them as aborted with. Transient database errors propagate (retry later).
+    A compensation that fails leaves the saga COMPENSATION_FAILED, to be tried again
+    after ``retry_after``."""
+    try:
+        return _complete_once(engine, saga, saga_id, abort_missing)
+    except _DecisionFailed as failed:
+        failure = failed
+    if failure.decision.state is SagaState.CONFIRMED:
+        try:
+            return _complete_once(engine, saga, saga_id, abort_missing, CONFIRMATION_FAILED)
+        except _DecisionFailed as failed:
+            failure = failed
+    return _record_compensation_failure(engine, saga, saga_id, failure, retry_after)
+
+
+def _complete_once(
+    engine: Engine,
+    saga: SagaHandlers,
+    saga_id: UUID,
+    abort_missing: str | None,
+    cancel_reason: str | None = None,
+) -> Completion:
     with engine.begin() as conn:
         locked = store.lock_saga(conn, saga_id)
         if locked is None:
@@ -98,15 +166,70 @@ def complete(engine: Engine, saga: SagaHandlers, saga_id: UUID) -> Completion:
         if locked.state in TERMINAL_STATES:
             logger.info("saga %s is already %s", saga_id, locked.state)
             return Completion(None)
-        decision = decide(saga.definition, locked.outcomes)
-        now = datetime.now(UTC)
-        if decision.state is SagaState.CONFIRMED:
-            saga.confirm(conn, locked.payload)
-        else:
-            for step in decision.compensate:
-                saga.compensate(step, conn, locked.payload)
-            store.mark_compensated(conn, saga_id, decision.compensate, now)
-            saga.cancel(conn, locked.payload, decision.reason or "cancelled")
-        store.finish_saga(conn, saga_id, decision.state, decision.reason, now)
+        if locked.state is SagaState.COMPENSATION_FAILED:
+            cancel_reason = locked.reason  # finish the cancellation that was decided
+        outcomes = _outcomes(conn, saga.definition, locked, abort_missing)
+        decision = decide(saga.definition, outcomes, cancel_reason=cancel_reason)
+        try:
+            _carry_out(conn, saga, locked, decision)
+        except TRANSIENT_DB_ERRORS:
+            raise
+        except Exception as exc:
+            logger.exception("saga %s: %s failed", saga_id, decision.state)
+            raise _DecisionFailed(decision) from exc
+        failpoint("complete.before_commit")
+    failpoint("complete.after_commit")
     logger.info("saga %s %s %s", saga_id, decision.state, decision.reason or "")
+    return Completion(decision)
+
+
+def _outcomes(
+    conn: Connection, definition: SagaDefinition, locked: LockedSaga, abort_missing: str | None
+) -> Mapping[str, StepOutcome]:
+    missing = [step for step in definition.step_names if step not in locked.outcomes]
+    if not missing:
+        return locked.outcomes
+    if abort_missing is None:
+        raise StepsPending(f"saga {locked.saga_id}: no outcome yet for {missing}")
+    now = datetime.now(UTC)
+    for step in missing:
+        # Waits for a step committing right now; its outcome then stands.
+        aborted = StepOutcome(step, StepStatus.ABORTED, abort_missing)
+        store.record_step(conn, locked.saga_id, aborted, started_at=now, now=now)
+    return store.read_ledger(conn, locked.saga_id)
+
+
+def _carry_out(
+    conn: Connection, saga: SagaHandlers, locked: LockedSaga, decision: Decision
+) -> None:
+    now = datetime.now(UTC)
+    if decision.state is SagaState.CONFIRMED:
+        saga.confirm(conn, locked.payload)
+    else:
+        for step in decision.compensate:
+            failpoint("compensate.release")
+            saga.compensate(step, conn, locked.payload)
+        store.mark_compensated(conn, locked.saga_id, decision.compensate, now)
+        saga.cancel(conn, locked.payload, decision.reason or "cancelled")
+    store.finish_saga(conn, locked.saga_id, decision.state, decision.reason, now)
+
+
+def _record_compensation_failure(
+    engine: Engine,
+    saga: SagaHandlers,
+    saga_id: UUID,
+    failure: _DecisionFailed,
+    retry_after: timedelta,
+) -> Completion:
+    reason = failure.decision.reason or "cancelled"
+    problem = f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:2000]
+    with engine.begin() as conn:
+        locked = store.lock_saga(conn, saga_id)
+        if locked is None or locked.state in TERMINAL_STATES:
+            return Completion(None)
+        retry_at = datetime.now(UTC) + retry_after
+        store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at)
+        saga.compensation_failed(conn, locked.payload, reason, problem)
+    logger.error("saga %s: compensation failed, retry at %s: %s", saga_id, retry_at, problem)
+    decision = Decision(SagaState.COMPENSATION_FAILED, failure.decision.compensate, reason)
     return Completion(decision)

@@ -11,7 +11,7 @@ from uuid import UUID
 from sqlalchemy import Connection, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from sagas.engine import SagaState, StepOutcome, StepStatus
+from sagas.engine import ACTIVE_STATES, SagaState, StepOutcome, StepStatus
 from sagas.tables import outbox, saga_steps, sagas
 
 
@@ -22,8 +22,10 @@ class LockedSaga:
     saga_id: UUID
     name: str
     state: SagaState
+    reason: str | None
     payload: Mapping[str, Any]
     outcomes: Mapping[str, StepOutcome]
+    redrives: int = 0
 
 
 def create_saga(
@@ -83,29 +85,79 @@ def read_step(conn: Connection, saga_id: UUID, step: str) -> StepOutcome:
 
 def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
     """Lock the saga row (decisions on one saga run one at a time) and read its ledger."""
-    rows = conn.execute(
-        select(
-            sagas.c.name,
-            sagas.c.state,
-            sagas.c.payload,
-            saga_steps.c.step,
-            saga_steps.c.status,
-            saga_steps.c.reason,
-        )
-        .outerjoin(saga_steps, saga_steps.c.saga_id == sagas.c.id)
+    row = conn.execute(
+        select(sagas.c.name, sagas.c.state, sagas.c.reason, sagas.c.payload, sagas.c.redrives)
         .where(sagas.c.id == saga_id)
         # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
-        .with_for_update(of=sagas, key_share=True)
-    ).all()
-    if not rows:
+        .with_for_update(key_share=True)
+    ).first()
+    if row is None:
         return None
-    first = rows[0]
-    outcomes = {
-        row.step: StepOutcome(row.step, StepStatus(row.status), row.reason)
-        for row in rows
-        if row.step is not None
-    }
-    return LockedSaga(saga_id, first.name, SagaState(first.state), first.payload, outcomes)
+    return LockedSaga(
+        saga_id,
+        row.name,
+        SagaState(row.state),
+        row.reason,
+        row.payload,
+        read_ledger(conn, saga_id),
+        row.redrives,
+    )
+
+
+def read_ledger(conn: Connection, saga_id: UUID) -> dict[str, StepOutcome]:
+    """Every recorded step outcome of the saga."""
+    rows = conn.execute(
+        select(saga_steps.c.step, saga_steps.c.status, saga_steps.c.reason).where(
+            saga_steps.c.saga_id == saga_id
+        )
+    ).all()
+    return {row.step: StepOutcome(row.step, StepStatus(row.status), row.reason) for row in rows}
+
+
+def overdue_sagas(conn: Connection, now: datetime, limit: int) -> list[UUID]:
+    """Active sagas past their deadline, oldest deadline first."""
+    return list(
+        conn.execute(
+            select(sagas.c.id)
+            .where(sagas.c.state.in_(ACTIVE_STATES))
+            .where(sagas.c.deadline_at < now)
+            .order_by(sagas.c.deadline_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def claim_overdue(
+    conn: Connection, saga_id: UUID, now: datetime, next_deadline: datetime
+) -> LockedSaga | None:
+    """Take an overdue saga up: push its deadline and count the attempt.
+
+    None when it is no longer overdue (finished, or another sweeper took it). Commit
+    before acting on it, so a crash while acting still counts the attempt."""
+    claimed = conn.execute(
+        update(sagas)
+        .where(sagas.c.id == saga_id)
+        .where(sagas.c.state.in_(ACTIVE_STATES))
+        .where(sagas.c.deadline_at < now)
+        .values(deadline_at=next_deadline, recovery_attempts=sagas.c.recovery_attempts + 1)
+        .returning(sagas.c.name, sagas.c.state, sagas.c.reason, sagas.c.payload, sagas.c.redrives)
+    ).first()
+    if claimed is None:
+        return None
+    return LockedSaga(
+        saga_id,
+        claimed.name,
+        SagaState(claimed.state),
+        claimed.reason,
+        claimed.payload,
+        read_ledger(conn, saga_id),
+        claimed.redrives,
+    )
+
+
+def count_redrive(conn: Connection, saga_id: UUID) -> None:
+    """Record that the saga's chord was dispatched again."""
+    conn.execute(update(sagas).where(sagas.c.id == saga_id).values(redrives=sagas.c.redrives + 1))
 
 
 def mark_compensated(conn: Connection, saga_id: UUID, steps: Iterable[str], now: datetime) -> None:
@@ -127,10 +179,24 @@ def mark_compensated(conn: Connection, saga_id: UUID, steps: Iterable[str], now:
 def finish_saga(
     conn: Connection, saga_id: UUID, state: SagaState, reason: str | None, now: datetime
 ) -> None:
-    """Move a running saga to its final state."""
+    """Move an active saga to its final state."""
     conn.execute(
         update(sagas)
         .where(sagas.c.id == saga_id)
-        .where(sagas.c.state == SagaState.RUNNING)
-        .values(state=state, reason=reason, finished_at=now)
+        .where(sagas.c.state.in_(ACTIVE_STATES))
+        .values(state=state, reason=reason, error=None, finished_at=now)
+    )
+
+
+def mark_compensation_failed(
+    conn: Connection, saga_id: UUID, reason: str, error: str, retry_at: datetime
+) -> None:
+    """Record that the saga's compensation failed, and when to try it again."""
+    conn.execute(
+        update(sagas)
+        .where(sagas.c.id == saga_id)
+        .where(sagas.c.state.in_(ACTIVE_STATES))
+        .values(
+            state=SagaState.COMPENSATION_FAILED, reason=reason, error=error, deadline_at=retry_at
+        )
     )

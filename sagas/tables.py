@@ -8,10 +8,12 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     Uuid,
     text,
 )
@@ -31,14 +33,24 @@ sagas = Table(
     #: The saga's input: primitives only (ids, decimal strings, quantities).
     Column("payload", JSONB, nullable=False),
     Column("reason", String(64)),
+    #: Why the last completion attempt failed (state COMPENSATION_FAILED).
+    Column("error", Text),
+    #: When the sweeper next looks at the saga if it is still not final.
     Column("deadline_at", DateTime(timezone=True), nullable=False),
+    #: How many times the sweeper dispatched the saga's chord again.
+    Column("redrives", Integer, nullable=False, server_default="0"),
+    #: How many times the sweeper took the saga up.
+    Column("recovery_attempts", Integer, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
-    CheckConstraint("state IN ('RUNNING', 'CONFIRMED', 'CANCELLED')", name="known_state"),
+    CheckConstraint(
+        "state IN ('RUNNING', 'CONFIRMED', 'CANCELLED', 'COMPENSATION_FAILED')",
+        name="known_state",
+    ),
     Index(
-        "ix_sagas_running_deadline",
+        "ix_sagas_active_deadline",
         "deadline_at",
-        postgresql_where=text("state = 'RUNNING'"),
+        postgresql_where=text("state IN ('RUNNING', 'COMPENSATION_FAILED')"),
     ),
 )
 

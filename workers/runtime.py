@@ -1,32 +1,73 @@
-"""What a worker process holds: its settings and its own database engine."""
+"""What a worker process holds: its settings, its own database engine, a Redis client."""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 
+from redis import Redis
 from sqlalchemy import Engine
 
 from config.settings import Settings
 from orders.db import make_engine
 from sagas.order import OrderSaga
+from sagas.recovery import RecoveryPolicy
+
+#: How long the count of one message's deliveries is kept.
+DELIVERY_COUNT_TTL = int(timedelta(days=1).total_seconds())
 
 
 class Runtime:
     """Per-process resources, created on first use in the process that uses them.
 
-    A prefork child inherits its parent's memory; the engine is keyed by process id, so
+    A prefork child inherits its parent's memory; resources are keyed by process id, so
     each child builds its own after the fork and never reuses a socket of the parent."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.order_saga = OrderSaga()
+        self.recovery = RecoveryPolicy(
+            deadline=timedelta(seconds=settings.saga_deadline_seconds),
+            max_redrives=settings.max_redrives,
+            compensation_retry=timedelta(seconds=settings.compensation_retry_seconds),
+        )
         self._engine: Engine | None = None
+        self._redis: Redis | None = None
         self._pid = 0
+
+    def _fresh(self) -> None:
+        if self._pid != os.getpid():
+            self._engine = make_engine(self.settings, application_name="orders-worker")
+            self._redis = Redis.from_url(self.settings.broker_url, socket_timeout=5)
+            self._pid = os.getpid()
 
     @property
     def engine(self) -> Engine:
         """This process's engine."""
-        if self._engine is None or self._pid != os.getpid():
-            self._engine = make_engine(self.settings, application_name="orders-worker")
-            self._pid = os.getpid()
+        self._fresh()
+        assert self._engine is not None
         return self._engine
+
+    @property
+    def redis(self) -> Redis:
+        """This process's client of the broker's Redis."""
+        self._fresh()
+        assert self._redis is not None
+        return self._redis
+
+    def deliveries(self, request: Any) -> int:
+        """How many times this message (task id and retry number) has been delivered,
+        this time included. Counted in Redis only for redelivered messages."""
+        if not (request.delivery_info or {}).get("redelivered"):
+            return 1
+        key = f"orders:deliveries:{request.id}:{request.retries}"
+        with self.redis.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, DELIVERY_COUNT_TTL)
+            count, _ = pipe.execute()
+        return int(count) + 1
+
+    def poisoned(self, request: Any) -> bool:
+        """Whether this message came back more often than allowed (it crashes workers)."""
+        return self.deliveries(request) > self.settings.max_redeliveries + 1

@@ -9,6 +9,7 @@ from flask import Flask, Response, json
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from orders.db import TRANSIENT_DB_ERRORS
 from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, OrderNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(OrderNotFoundError)
     def not_found(exc: OrderNotFoundError) -> Response:
         return problem(404, "Not Found", str(exc))
+
+    for transient in TRANSIENT_DB_ERRORS:
+
+        @app.errorhandler(transient)
+        def database_unavailable(exc: Exception) -> Response:
+            logger.warning("database unavailable: %r", exc)
+            response = problem(503, "Service Unavailable", "the database cannot be reached")
+            response.headers["Retry-After"] = "5"
+            return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -64,6 +64,7 @@ def orders_blueprint(settings: Settings, engine: Engine, starter: SagaStarter) -
             customer_id=view.customer_id,
             status=view.status,
             cancel_reason=view.cancel_reason,
+            problem=view.problem,
             total=str(view.total),
             lines=[
                 LineOut(

@@ -71,6 +71,8 @@ class OrderOut(BaseModel):
     customer_id: str
     status: str
     cancel_reason: str | None
+    #: Set while the order is COMPENSATION_FAILED: why its reservations are not released.
+    problem: str | None
     total: MoneyText
     lines: list[LineOut]
     created_at: datetime

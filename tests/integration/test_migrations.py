@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
 from orders.tables import metadata as orders_metadata
@@ -45,6 +45,27 @@ def test_migrations_match_the_declared_tables(fresh: Engine) -> None:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         drift = compare_metadata(context, [orders_metadata, sagas_metadata])
     assert drift == []
+
+
+def test_migrations_name_every_constraint_as_the_tables_do(fresh: Engine) -> None:
+    migrate(fresh.url.render_as_string(hide_password=False))
+    declared = {
+        str(constraint.name)
+        for metadata in (orders_metadata, sagas_metadata)
+        for table in metadata.tables.values()
+        for constraint in table.constraints
+    }
+    with fresh.connect() as conn:
+        actual = set(
+            conn.execute(
+                text(
+                    "SELECT conname FROM pg_constraint c JOIN pg_namespace n"
+                    " ON n.oid = c.connamespace WHERE n.nspname = 'public'"
+                    " AND conrelid <> 'alembic_version'::regclass"
+                )
+            ).scalars()
+        )
+    assert actual == declared
 
 
 def test_migrations_downgrade_to_nothing_and_back(fresh: Engine) -> None:

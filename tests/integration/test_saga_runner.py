@@ -3,6 +3,7 @@ compensates exactly what was reserved (real PostgreSQL, no broker)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from uuid import UUID
 
@@ -19,6 +20,7 @@ from tests.fakes import RecordingLauncher
 from tests.helpers import Credit, Stock, add_customer, add_product, credit_of, stock_of
 
 SAGA = OrderSaga()
+RETRY = timedelta(seconds=60)
 
 
 def place(engine: Engine, customer: str, product: str, quantity: int):
@@ -76,7 +78,7 @@ def test_a_confirmed_order_holds_exactly_its_stock_and_credit(engine: Engine) ->
     assert stock_of(engine, product) == Stock(on_hand=10, reserved=4)
     assert credit_of(engine, customer).reserved == Decimal("30.00")
 
-    done = runner.complete(engine, SAGA, start.saga_id)
+    done = runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY)
     assert done.decision is not None and done.decision.state is SagaState.CONFIRMED
     assert stock_of(engine, product) == Stock(on_hand=6, reserved=0)
     assert credit_of(engine, customer) == Credit(Decimal("100.00"), Decimal("30.00"), Decimal("0"))
@@ -90,7 +92,7 @@ def test_out_of_stock_cancels_and_releases_the_reserved_credit(engine: Engine) -
 
     outcomes = run_both_steps(engine, start.saga_id, start.payload)
     assert outcomes[0] == StepOutcome(RESERVE_STOCK, StepStatus.REFUSED, "out_of_stock")
-    runner.complete(engine, SAGA, start.saga_id)
+    runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY)
 
     row = order_row(engine, accepted.order_id)
     assert (row.status, row.cancel_reason) == ("CANCELLED", "out_of_stock")
@@ -107,7 +109,7 @@ def test_over_the_credit_limit_cancels_and_releases_the_reserved_stock(engine: E
     accepted, start = place(engine, customer, product, 1)  # 10.00 > 5.00
 
     run_both_steps(engine, start.saga_id, start.payload)
-    runner.complete(engine, SAGA, start.saga_id)
+    runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY)
 
     row = order_row(engine, accepted.order_id)
     assert (row.status, row.cancel_reason) == ("CANCELLED", "credit_limit_exceeded")
@@ -132,8 +134,8 @@ def test_completing_twice_changes_nothing_the_second_time(engine: Engine) -> Non
     accepted, start = place(engine, customer, product, 2)
     run_both_steps(engine, start.saga_id, start.payload)
 
-    assert runner.complete(engine, SAGA, start.saga_id).decision is not None
-    assert runner.complete(engine, SAGA, start.saga_id).decision is None
+    assert runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY).decision is not None
+    assert runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY).decision is None
     assert stock_of(engine, product) == Stock(3, 0)
     assert credit_of(engine, customer).used == Decimal("20.00")
     assert events_of(engine, accepted.order_id) == [(1, "OrderPlaced"), (2, "OrderConfirmed")]
@@ -146,7 +148,7 @@ def test_a_step_redelivered_after_the_decision_changes_nothing(engine: Engine) -
     customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=1)
     _, start = place(engine, customer, product, 2)  # refused: only 1 on hand
     run_both_steps(engine, start.saga_id, start.payload)
-    runner.complete(engine, SAGA, start.saga_id)
+    runner.complete(engine, SAGA, start.saga_id, retry_after=RETRY)
 
     again = runner.run_step(engine, SAGA, start.saga_id, RESERVE_CREDIT, start.payload)
     assert again.status is StepStatus.COMPENSATED

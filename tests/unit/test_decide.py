@@ -82,3 +82,10 @@ def test_an_outcome_travels_as_plain_json() -> None:
         "status": "REFUSED",
         "reason": "out_of_stock",
     }
+
+
+def test_a_forced_cancellation_compensates_every_applied_step() -> None:
+    both = outcomes((APPLIED, None), (APPLIED, None))
+    assert decide(SAGA, both, cancel_reason="confirmation_failed") == Decision(
+        SagaState.CANCELLED, ("reserve_stock", "reserve_credit"), "confirmation_failed"
+    )
