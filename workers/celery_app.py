@@ -10,6 +10,7 @@ from celery.signals import setup_logging
 from config.celeryconf import celery_config
 from config.logs import configure_logging
 from config.settings import Settings, load_settings
+from workers.compat import apply_fixes
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
@@ -37,6 +38,7 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
     app = Celery("orders", set_as_current=False)
     app.config_from_object(config)
     if not publisher:
+        apply_fixes()
         register_tasks(app, Runtime(settings))
 
         def _logging(**_: Any) -> None:
