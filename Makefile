@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 BIN := .venv/bin
 
-.PHONY: run test check lint typecheck imports unit integration e2e install clean
+.PHONY: run test check lint typecheck imports unit integration e2e chaos install clean
 
 run: install            ## The whole system locally: PostgreSQL, Redis, API, worker, beat, Flower
 	$(PY) -m scripts.run
@@ -30,6 +30,9 @@ integration: install
 
 e2e: install
 	$(PY) -m pytest tests/e2e
+
+chaos: install          ## The full soak: 2000 orders, a fault every few seconds, every invariant
+	$(PY) -m tests.chaos.soak $(CHAOS_ARGS)
 
 install:
 	@scripts/bootstrap.sh

@@ -198,7 +198,7 @@ class LocalRedis:
             f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\n"
             f'requirepass {self.password}\ndir {self.dir}\nsave ""\n'
             f"appendonly {'yes' if self.appendonly else 'no'}\n"
-            "maxmemory-policy noeviction\nlogfile redis.log\n"
+            "maxmemory-policy noeviction\nlogfile redis.log\ndatabases 64\n"
         )
         conf = self.dir / "redis.conf"
         conf.write_text(config)

@@ -1,21 +1,17 @@
-"""The real processes for end-to-end tests, and an HTTP client for the API."""
+"""The real processes for end-to-end tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-import httpx
 import pytest
 
 from config.settings import Settings
-from tests.conftest import API_KEY, Servers
+from tests.conftest import Servers
+from tests.harness.client import Api
 from tests.harness.processes import Stack
-from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
-
-TERMINAL = ("CONFIRMED", "CANCELLED")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -39,45 +35,6 @@ def stack(settings: Settings, servers: Servers) -> Iterator[Stack]:
         stack.stop()
 
 
-class Api:
-    """A small client of the API, as a user's program would call it."""
-
-    def __init__(self, base_url: str) -> None:
-        self.http = httpx.Client(
-            base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}
-        )
-
-    def place(self, customer: str, lines: list[tuple[str, int]], **headers: str) -> httpx.Response:
-        """POST /orders."""
-        body = {
-            "customer_id": customer,
-            "lines": [{"product_id": p, "quantity": q} for p, q in lines],
-        }
-        return self.http.post("/orders", json=body, headers=headers)
-
-    def status(self, order_id: str) -> dict[str, Any]:
-        """GET /orders/<id>/status."""
-        response = self.http.get(f"/orders/{order_id}/status")
-        response.raise_for_status()
-        return dict(response.json())
-
-    def order(self, order_id: str) -> dict[str, Any]:
-        """GET /orders/<id>."""
-        response = self.http.get(f"/orders/{order_id}")
-        response.raise_for_status()
-        return dict(response.json())
-
-    def wait_until_final(self, order_id: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll the status until the order is confirmed or cancelled."""
-        return wait_for(
-            f"order {order_id} to be final",
-            lambda: (s := self.status(order_id))["status"] in TERMINAL and s,
-            timeout=timeout,
-        )
-
-
 @pytest.fixture(scope="session")
-def api(stack: Stack) -> Iterator[Api]:
-    client = Api(stack.api_url)
-    yield client
-    client.http.close()
+def api(stack: Stack) -> Api:
+    return stack.client()

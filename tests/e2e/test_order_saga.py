@@ -20,7 +20,7 @@ from config.settings import Settings
 from orders.tables import order_events, orders, products
 from sagas.canvas import complete_task_id, step_task_id
 from sagas.tables import saga_steps, sagas
-from tests.e2e.conftest import Api
+from tests.harness.client import Api
 from tests.helpers import Credit, Stock, add_customer, add_product, credit_of, row_counts, stock_of
 from workers.celery_app import create_celery
 

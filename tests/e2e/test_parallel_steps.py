@@ -13,7 +13,7 @@ from config.settings import Settings
 from orders.tables import orders
 from sagas.tables import saga_steps
 from tests.conftest import Servers
-from tests.e2e.conftest import Api
+from tests.harness.client import Api
 from tests.harness.processes import Stack
 from tests.helpers import add_customer, add_product
 
@@ -34,9 +34,7 @@ def slow_api(settings: Settings, servers: Servers) -> Iterator[Api]:
     )
     try:
         stack.start()
-        api = Api(stack.api_url)
-        yield api
-        api.http.close()
+        yield stack.client()
     finally:
         stack.stop()
 

@@ -16,6 +16,7 @@ import httpx
 
 from config.settings import Settings
 from scripts.services import free_port
+from tests.harness.client import Api
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,6 +54,19 @@ class Service:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash: nothing gets to clean up)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(15)
+
+    def children(self) -> list[int]:
+        """The process ids of the process's direct children (a worker's pool)."""
+        if self.process is None:
+            return []
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
     def log(self) -> str:
         """Everything the process wrote so far."""
@@ -93,14 +107,32 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 @dataclass
 class Stack:
-    """The API under gunicorn and a saga worker, on the given settings."""
+    """The API under gunicorn, a saga worker and (optionally) beat, on the settings."""
 
     settings: Settings
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_concurrency: int = 2
+    #: Worker nodes: "worker", then "worker-2", "worker-3"...
+    workers: int = 1
+    beat: bool = False
     api_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
+    clients: list[Api] = field(default_factory=list)
+
+    def client(self) -> Api:
+        """An API client, closed when the stack stops."""
+        self.clients.append(Api(self.api_url))
+        return self.clients[-1]
+
+    def service(self, name: str) -> Service:
+        """The running service called ``name``."""
+        return next(s for s in self.services if s.name == name)
+
+    @property
+    def worker_nodes(self) -> list[Service]:
+        """The worker services."""
+        return [s for s in self.services if s.name.startswith("worker")]
 
     @property
     def api_url(self) -> str:
@@ -111,39 +143,62 @@ class Stack:
         """Start the worker and the API; return once both serve."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = process_env(self.settings, **self.extra_env)
-        worker = Service(
-            "worker",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "workers.app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                str(self.worker_concurrency),
-                "-Q",
-                "saga.high,default",
-                "-n",
-                f"e2e-{self.api_port}@%h",
-                "--without-mingle",
-                "--without-gossip",
-                "-l",
-                "INFO",
-            ],
-            env,
-            self.log_dir,
-        )
+        workers = [
+            Service(
+                "worker" if n == 1 else f"worker-{n}",
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "workers.app",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    str(self.worker_concurrency),
+                    "-Q",
+                    "saga.high,default",
+                    "-n",
+                    f"node{n}-{self.api_port}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "INFO",
+                ],
+                env,
+                self.log_dir,
+            )
+            for n in range(1, self.workers + 1)
+        ]
         web = Service(
             "web",
             [str(BIN / "gunicorn"), "-c", "python:config.gunicorn", "workers.web:create_app()"],
             {**env, "API_PORT": str(self.api_port), "WEB_CONCURRENCY": "2"},
             self.log_dir,
         )
-        self.services = [worker, web]
+        self.services = [*workers, web]
+        if self.beat:
+            schedule = self.log_dir / f"beat-schedule-{self.api_port}"
+            self.services.append(
+                Service(
+                    "beat",
+                    [
+                        str(BIN / "celery"),
+                        "-A",
+                        "workers.app",
+                        "beat",
+                        "-s",
+                        str(schedule),
+                        "-l",
+                        "INFO",
+                    ],
+                    env,
+                    self.log_dir,
+                )
+            )
         for service in self.services:
             service.start()
-        worker.wait_for_log(r"ready\.")
+        for worker in workers:
+            worker.wait_for_log(r"ready\.")
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -157,6 +212,8 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every process of the stack."""
+        for client in self.clients:
+            client.close()
         for service in reversed(self.services):
             service.stop()
 

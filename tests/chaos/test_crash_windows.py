@@ -1,0 +1,207 @@
+"""Every crash window, opened on purpose in the real processes, ends in a correct final
+state: the process dies at a named failpoint (or is killed), and the order still ends
+CONFIRMED or CANCELLED with stock and credit exactly right."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from scripts.services import LocalRedis
+from tests.chaos.conftest import StackFactory
+from tests.conftest import Servers
+from tests.harness.checker import require, settle, world_of
+from tests.harness.client import Api
+from tests.harness.processes import Stack
+from tests.helpers import add_customer, add_product, wait_for
+
+pytestmark = pytest.mark.chaos
+
+
+def fired(stack: Stack, failpoint: str) -> bool:
+    """Whether the failpoint went off (it leaves a marker per firing)."""
+    return (stack.log_dir / "failpoints" / f"{failpoint}.0").exists()
+
+
+def world(engine: Engine, *, limit: str = "100.00", on_hand: int = 5) -> dict[str, Any]:
+    customer = add_customer(engine, limit=limit)
+    product = add_product(engine, on_hand=on_hand, price="10.00")
+    return {
+        "customer": customer,
+        "product": product,
+        "world": world_of([customer], {product: on_hand}),
+    }
+
+
+def place(api: Api, w: dict[str, Any], quantity: int = 1, key: str | None = None) -> str:
+    headers = {"Idempotency-Key": key} if key else {}
+    response = api.place(w["customer"], [(w["product"], quantity)], **headers)
+    assert response.status_code == 202, response.text
+    return str(response.json()["order_id"])
+
+
+def place_through_a_crash(api: Api, w: dict[str, Any], key: str) -> str:
+    """POST; the API dies answering it; the client retries with the same key."""
+    with pytest.raises(httpx.TransportError):
+        api.place(w["customer"], [(w["product"], 1)], **{"Idempotency-Key": key})
+    retried = wait_for(
+        "the retried POST to be answered", lambda: _try_place(api, w, key), timeout=20
+    )
+    return retried
+
+
+def _try_place(api: Api, w: dict[str, Any], key: str) -> str | None:
+    try:
+        return place(api, w, key=key)
+    except httpx.TransportError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    ["step.before_commit", "step.after_commit", "complete.before_commit", "complete.after_commit"],
+)
+def test_a_worker_killed_inside_the_saga_loses_nothing(
+    make_stack: StackFactory, engine: Engine, failpoint: str
+) -> None:
+    stack = make_stack(f"{failpoint}=kill*1")
+    api, w = stack.client(), world(engine)
+    order_id = place(api, w, 2)
+
+    assert api.wait_until_final(order_id)["status"] == "CONFIRMED"
+    assert fired(stack, failpoint)
+    require(settle(engine, w["world"]))
+
+
+@pytest.mark.parametrize(
+    "failpoints",
+    [
+        "api.after_commit=kill*1",
+        "launch.after_publish=kill*1",
+        "api.after_commit=kill*1,relay.after_publish=kill*1",
+    ],
+)
+def test_an_api_killed_around_the_dispatch_loses_no_accepted_order(
+    make_stack: StackFactory, engine: Engine, failpoints: str
+) -> None:
+    stack = make_stack(failpoints)
+    api, w = stack.client(), world(engine)
+    order_id = place_through_a_crash(api, w, key=f"crash-{failpoints}")
+
+    assert api.wait_until_final(order_id)["status"] == "CONFIRMED"
+    for failpoint in failpoints.split(","):
+        assert fired(stack, failpoint.split("=")[0])
+    require(settle(engine, w["world"]))
+
+
+def test_a_step_that_fails_for_good_cancels_and_compensates(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack("step.before_commit=raise*1")
+    api, w = stack.client(), world(engine)
+    order_id = place(api, w)
+
+    final = api.wait_until_final(order_id)
+    assert (final["status"], final["cancel_reason"]) == ("CANCELLED", "step_failed")
+    require(settle(engine, w["world"]))
+
+
+def test_a_failed_compensation_is_shown_then_retried_until_it_is_done(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack("compensate.release=raise*1")
+    api, w = stack.client(), world(engine, limit="5.00")  # the credit is refused
+    order_id = place(api, w)
+
+    stuck = wait_for(
+        "the order to show its failed compensation",
+        lambda: (o := api.order(order_id))["status"] == "COMPENSATION_FAILED" and o,
+    )
+    assert stuck["cancel_reason"] == "credit_limit_exceeded"
+    assert "FailpointError" in stuck["problem"]
+    final = api.wait_until_final(order_id)
+    assert (final["status"], final["cancel_reason"]) == ("CANCELLED", "credit_limit_exceeded")
+    assert api.order(order_id)["problem"] is None
+    require(settle(engine, w["world"]))
+
+
+def test_a_pool_child_killed_mid_step_has_its_message_redelivered(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack(SAGA_STEP_DELAY_SECONDS="1.5", SAGA_DEADLINE_SECONDS="30")
+    api, w = stack.client(), world(engine)
+    worker = stack.service("worker")
+    order_id = place(api, w)
+    wait_for(
+        "both steps to start",
+        lambda: worker.log().count(f"{_saga(engine, order_id)}.reserve") >= 2,
+        timeout=10,
+    )
+    for child in worker.children():
+        os.kill(child, signal.SIGKILL)
+
+    assert api.wait_until_final(order_id)["status"] == "CONFIRMED"
+    assert "WorkerLostError" in worker.log()
+    require(settle(engine, w["world"]))
+
+
+def test_a_whole_worker_killed_mid_saga_is_recovered_after_a_restart(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack(SAGA_STEP_DELAY_SECONDS="1.5")
+    api, w = stack.client(), world(engine)
+    worker = stack.service("worker")
+    order_id = place(api, w)
+    wait_for("a step to start", lambda: f"{_saga(engine, order_id)}.reserve" in worker.log())
+    worker.kill()
+    time.sleep(0.5)  # the node stays down a moment, as after a real crash
+    worker.start()
+
+    assert api.wait_until_final(order_id, timeout=40)["status"] == "CONFIRMED"
+    require(settle(engine, w["world"]))
+
+
+def test_redis_restarted_empty_mid_saga_costs_time_not_orders(
+    make_stack: StackFactory, engine: Engine, servers: Servers, tmp_path: Path
+) -> None:
+    redis = LocalRedis(servers.base / f"redis-{tmp_path.name}", password="crash-test")
+    redis.start()
+    try:
+        stack = make_stack(redis=redis, SAGA_STEP_DELAY_SECONDS="1.5")
+        api, w = stack.client(), world(engine)
+        worker = stack.service("worker")
+        order_ids = [place(api, w) for _ in range(3)]
+        wait_for("steps to start", lambda: ".reserve_" in worker.log())
+        # Queued messages, the chord's join and the unacknowledged messages are all gone;
+        # Redis stays down while the running steps finish (their acks cannot be sent).
+        redis.stop(signal.SIGKILL)
+        time.sleep(2.5)
+        redis.start()
+
+        finals = [api.wait_until_final(order_id, timeout=40)["status"] for order_id in order_ids]
+        assert finals == ["CONFIRMED"] * 3
+        require(settle(engine, w["world"]))
+        assert worker.process is not None and worker.process.poll() is None, "the worker died"
+        assert "Unrecoverable error" not in worker.log()
+    finally:
+        redis.stop()
+
+
+def _saga(engine: Engine, order_id: str) -> str:
+    from uuid import UUID
+
+    from sqlalchemy import select
+
+    from orders.tables import orders
+
+    with engine.connect() as conn:
+        return str(
+            conn.execute(select(orders.c.saga_id).where(orders.c.id == UUID(order_id))).scalar_one()
+        )
