@@ -2,46 +2,52 @@
 
 Each function runs inside the caller's transaction. The invariant (used + reserved never
 above the limit) is decided by one conditional UPDATE, with a CHECK constraint behind it.
+Statements are built once (compiled once).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, Numeric, Update, bindparam, update
 
 from orders.tables import customers
+
+_c = customers.c
+_amount = bindparam("amount", type_=Numeric(14, 2))
+
+_RESERVE = (
+    update(customers)
+    .where(_c.id == bindparam("account"))
+    .where(_c.credit_limit - _c.credit_used - _c.credit_reserved >= _amount)
+    .values(credit_reserved=_c.credit_reserved + _amount)
+)
+_RELEASE = (
+    update(customers)
+    .where(_c.id == bindparam("account"))
+    .values(credit_reserved=_c.credit_reserved - _amount)
+)
+#: A reservation becomes credit used; used by ``orders.services.confirm_order`` inside
+#: its single statement.
+COMMIT = (
+    update(customers)
+    .where(_c.id == bindparam("account"))
+    .values(credit_reserved=_c.credit_reserved - _amount, credit_used=_c.credit_used + _amount)
+)
 
 
 def reserve_credit(conn: Connection, customer_id: str, amount: Decimal) -> bool:
     """Reserve ``amount`` of the customer's credit; False when it would pass the limit."""
-    c = customers.c
-    reserved = conn.execute(
-        update(customers)
-        .where(c.id == customer_id)
-        .where(c.credit_limit - c.credit_used - c.credit_reserved >= amount)
-        .values(credit_reserved=c.credit_reserved + amount)
-    )
+    reserved = conn.execute(_RESERVE, {"account": customer_id, "amount": amount})
     return reserved.rowcount == 1
 
 
 def release_credit(conn: Connection, customer_id: str, amount: Decimal) -> None:
     """Give a reservation back (compensation)."""
-    _adjust(conn, customer_id, reserved=-amount)
+    _adjust(conn, _RELEASE, customer_id, amount)
 
 
-def commit_credit(conn: Connection, customer_id: str, amount: Decimal) -> None:
-    """Turn a reservation into credit used."""
-    _adjust(conn, customer_id, reserved=-amount, used=amount)
-
-
-def _adjust(
-    conn: Connection, customer_id: str, *, reserved: Decimal, used: Decimal = Decimal(0)
-) -> None:
-    c = customers.c
-    changes = {"credit_reserved": c.credit_reserved + reserved}
-    if used:
-        changes["credit_used"] = c.credit_used + used
-    done = conn.execute(update(customers).where(c.id == customer_id).values(changes))
+def _adjust(conn: Connection, statement: Update, customer_id: str, amount: Decimal) -> None:
+    done = conn.execute(statement, {"account": customer_id, "amount": amount})
     if done.rowcount != 1:
         raise LookupError(f"no customer {customer_id!r}")

@@ -17,8 +17,9 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
         max_overflow=pool.max_overflow,
         pool_timeout=pool.pool_timeout,
         pool_recycle=pool.pool_recycle,
-        # A connection broken by a database restart is replaced, not handed out.
-        pool_pre_ping=True,
+        # No pre-ping (a round trip and a transaction per checkout): a connection broken
+        # by a database restart fails once, the pool then drops every older connection,
+        # and the caller retries (tasks) or answers 503 (API).
         connect_args={"application_name": application_name, "connect_timeout": 5},
     )
 

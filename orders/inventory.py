@@ -2,72 +2,79 @@
 
 Each function runs inside the caller's transaction. The invariant (reserved never above
 on hand, nothing negative) is decided by the database: a conditional UPDATE, rows locked
-in id order, and CHECK constraints behind both.
+in id order, and CHECK constraints behind both. Statements are built once (compiled once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Integer, String, column, select, update, values
-from sqlalchemy.sql.expression import Values
+from sqlalchemy import Connection, Integer, String, Update, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from orders.tables import products
 
 #: (product id, quantity) pairs with distinct product ids.
 Lines = Sequence[tuple[str, int]]
 
+_p = products.c
+#: Every line at once: the lines as a table of (id, qty) from two array parameters.
+_lines = (
+    func.unnest(bindparam("ids", type_=ARRAY(String)), bindparam("qtys", type_=ARRAY(Integer)))
+    .table_valued("id", "qty")
+    .render_derived()
+)
 
-def _quantities(lines: Lines) -> Values:
-    """The lines as a VALUES list to join against products."""
-    return values(column("id", String), column("qty", Integer), name="q").data(
-        [(product_id, quantity) for product_id, quantity in lines]
-    )
+_RESERVE_ONE = (
+    update(products)
+    .where(_p.id == bindparam("product_id"))
+    .where(_p.on_hand - _p.reserved >= bindparam("quantity"))
+    .values(reserved=_p.reserved + bindparam("quantity"))
+)
+_LOCK_AVAILABLE = (
+    select(_p.id, _p.on_hand - _p.reserved)
+    .where(_p.id == func.any(bindparam("ids", type_=ARRAY(String))))
+    .order_by(_p.id)
+    .with_for_update()
+)
+_RESERVE = update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved + _lines.c.qty)
+_RELEASE = update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved - _lines.c.qty)
+#: Reserved units become units gone (on hand and reserved both drop); used by
+#: ``orders.services.confirm_order`` inside its single statement.
+COMMIT = (
+    update(products)
+    .where(_p.id == _lines.c.id)
+    .values(reserved=_p.reserved - _lines.c.qty, on_hand=_p.on_hand - _lines.c.qty)
+)
+
+
+def arrays(lines: Lines) -> dict[str, list[str] | list[int]]:
+    """The lines as the parameters of the statements on several lines (ids, qtys)."""
+    return {"ids": [product_id for product_id, _ in lines], "qtys": [qty for _, qty in lines]}
 
 
 def reserve_stock(conn: Connection, lines: Lines) -> bool:
     """Reserve every line, or none of them; False when any product is short."""
     if len(lines) == 1:
         ((product_id, quantity),) = lines
-        reserved = conn.execute(
-            update(products)
-            .where(products.c.id == product_id)
-            .where(products.c.on_hand - products.c.reserved >= quantity)
-            .values(reserved=products.c.reserved + quantity)
-        )
+        reserved = conn.execute(_RESERVE_ONE, {"product_id": product_id, "quantity": quantity})
         return reserved.rowcount == 1
     # Several products: lock them in id order (no deadlock between two orders), check
     # all, then reserve all.
     wanted = dict(lines)
-    available = dict(
-        conn.execute(
-            select(products.c.id, products.c.on_hand - products.c.reserved)
-            .where(products.c.id.in_(sorted(wanted)))
-            .order_by(products.c.id)
-            .with_for_update()
-        ).all()
-    )
+    available = dict(conn.execute(_LOCK_AVAILABLE, {"ids": sorted(wanted)}).all())
     if any(available.get(product_id, 0) < qty for product_id, qty in wanted.items()):
         return False
-    _adjust(conn, lines, reserved=1)
+    _adjust(conn, _RESERVE, lines)
     return True
 
 
 def release_stock(conn: Connection, lines: Lines) -> None:
     """Give reserved units back (compensation of a reservation)."""
-    _adjust(conn, lines, reserved=-1)
+    _adjust(conn, _RELEASE, lines)
 
 
-def commit_stock(conn: Connection, lines: Lines) -> None:
-    """Turn reserved units into units gone: on hand and reserved both drop."""
-    _adjust(conn, lines, reserved=-1, on_hand=-1)
-
-
-def _adjust(conn: Connection, lines: Lines, *, reserved: int, on_hand: int = 0) -> None:
-    q = _quantities(lines)
-    changes = {"reserved": products.c.reserved + reserved * q.c.qty}
-    if on_hand:
-        changes["on_hand"] = products.c.on_hand + on_hand * q.c.qty
-    done = conn.execute(update(products).where(products.c.id == q.c.id).values(changes))
+def _adjust(conn: Connection, statement: Update, lines: Lines) -> None:
+    done = conn.execute(statement, arrays(lines))
     if done.rowcount != len(lines):
         raise LookupError(f"stock change touched {done.rowcount} of {len(lines)} products")

@@ -9,10 +9,26 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, Engine, exists, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Numeric,
+    String,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from config.failpoints import failpoint
+from orders import credit, inventory
 from orders.domain import (
     CancelReason,
     EventType,
@@ -22,8 +38,104 @@ from orders.domain import (
     statuses_before,
 )
 from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, InvalidTransitionError
+from orders.inventory import Lines
 from orders.ports import SagaStart, SagaStarter
 from orders.tables import customers, idempotency_keys, order_events, order_lines, orders, products
+
+_o, _e = orders.c, order_events.c
+
+#: An accepted order in one statement: the order, its lines (from three arrays) and its
+#: first event, OrderPlaced.
+_new_order = (
+    insert(orders)
+    .values(
+        id=bindparam("order_id"),
+        customer_id=bindparam("customer_id"),
+        saga_id=bindparam("saga_id"),
+        status=OrderStatus.PENDING.value,
+        total=bindparam("total", type_=Numeric(14, 2)),
+        version=1,
+        created_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+    .returning(_o.id)
+    .cte("new_order")
+)
+_new_lines = (
+    func.unnest(
+        bindparam("product_ids", type_=ARRAY(String)),
+        bindparam("quantities", type_=ARRAY(Integer)),
+        bindparam("prices", type_=ARRAY(Numeric(12, 2))),
+    )
+    .table_valued("product_id", "quantity", "unit_price", with_ordinality="line_no")
+    .render_derived()
+)
+_lines_written = (
+    insert(order_lines)
+    .from_select(
+        ["order_id", "line_no", "product_id", "quantity", "unit_price"],
+        select(
+            _new_order.c.id,
+            _new_lines.c.line_no,
+            _new_lines.c.product_id,
+            _new_lines.c.quantity,
+            _new_lines.c.unit_price,
+        )
+        # new_order is one row: every line joins it.
+        .select_from(_new_order.join(_new_lines, true())),
+    )
+    .cte("lines_written")
+)
+_INSERT_ORDER = insert(order_events).from_select(
+    ["order_id", "seq", "type", "payload", "occurred_at"],
+    select(
+        _new_order.c.id,
+        literal(1),
+        literal(EventType.ORDER_PLACED.value),
+        bindparam("placed", type_=JSONB),
+        bindparam("now"),
+    ).add_cte(_lines_written),
+)
+
+#: A legal status change and its event, in one statement: no row when not legal.
+_moved = (
+    update(orders)
+    .where(_o.id == bindparam("order_id"))
+    .where(_o.status == func.any(bindparam("allowed", type_=ARRAY(String))))
+    .values(
+        status=bindparam("status"),
+        version=_o.version + 1,
+        updated_at=bindparam("now"),
+        cancel_reason=bindparam("cancel_reason"),
+        problem=bindparam("problem"),
+    )
+    .returning(_o.id, _o.version)
+    .cte("moved")
+)
+_MOVE = (
+    insert(order_events)
+    .from_select(
+        ["order_id", "seq", "type", "payload", "occurred_at"],
+        select(
+            _moved.c.id,
+            _moved.c.version,
+            bindparam("event"),
+            bindparam("payload", type_=JSONB),
+            bindparam("now"),
+        ),
+    )
+    .returning(_e.seq)
+)
+#: Confirmation in one statement: stock and credit committed, status moved, event
+#: appended; it reports how many products and customers it touched, and the event.
+_stock_committed = inventory.COMMIT.returning(products.c.id).cte("stock_committed")
+_credit_committed = credit.COMMIT.returning(customers.c.id).cte("credit_committed")
+_confirmed = _MOVE.cte("confirmed")
+_CONFIRM = select(
+    select(func.count()).select_from(_stock_committed).scalar_subquery().label("stock"),
+    select(func.count()).select_from(_credit_committed).scalar_subquery().label("credit"),
+    select(_confirmed.c.seq).scalar_subquery().label("seq"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,31 +164,19 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
         prices = _prices_of_known_products(conn, cmd)
         total = order_total(cmd.lines, prices)
         conn.execute(
-            insert(orders).values(
-                id=order_id,
-                customer_id=cmd.customer_id,
-                saga_id=saga_id,
-                status=OrderStatus.PENDING,
-                total=total,
-                version=1,
-                created_at=now,
-                updated_at=now,
-            )
+            _INSERT_ORDER,
+            {
+                "order_id": order_id,
+                "customer_id": cmd.customer_id,
+                "saga_id": saga_id,
+                "total": total,
+                "now": now,
+                "product_ids": [line.product_id for line in cmd.lines],
+                "quantities": [line.quantity for line in cmd.lines],
+                "prices": [prices[line.product_id] for line in cmd.lines],
+                "placed": {"total": str(total)},
+            },
         )
-        conn.execute(
-            insert(order_lines),
-            [
-                {
-                    "order_id": order_id,
-                    "line_no": line_no,
-                    "product_id": line.product_id,
-                    "quantity": line.quantity,
-                    "unit_price": prices[line.product_id],
-                }
-                for line_no, line in enumerate(cmd.lines, start=1)
-            ],
-        )
-        _append_event(conn, order_id, 1, EventType.ORDER_PLACED, {"total": str(total)}, now)
         start = SagaStart(
             saga_id=saga_id,
             order_id=order_id,
@@ -93,9 +193,27 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
     return Accepted(order_id=order_id, saga_id=saga_id)
 
 
-def confirm_order(conn: Connection, order_id: UUID) -> None:
-    """Mark a pending order confirmed and append OrderConfirmed."""
-    _move(conn, order_id, OrderStatus.CONFIRMED, EventType.ORDER_CONFIRMED, {})
+def confirm_order(
+    conn: Connection, order_id: UUID, lines: Lines, customer_id: str, amount: Decimal
+) -> None:
+    """Confirm a pending order: its reserved stock and credit become stock gone and
+    credit used, its status CONFIRMED, its event OrderConfirmed; one statement."""
+    done = conn.execute(
+        _CONFIRM,
+        {
+            **inventory.arrays(lines),
+            # Not "customer_id": in an UPDATE of orders that name would also set the column.
+            "account": customer_id,
+            "amount": amount,
+            **_move_parameters(order_id, OrderStatus.CONFIRMED, EventType.ORDER_CONFIRMED, {}),
+        },
+    ).one()
+    if done.seq is None:
+        raise InvalidTransitionError(f"order {order_id} cannot become CONFIRMED")
+    if (done.stock, done.credit) != (len(lines), 1):
+        raise LookupError(
+            f"order {order_id}: confirmation touched {done.stock} products, {done.credit} customers"
+        )
 
 
 def cancel_order(conn: Connection, order_id: UUID, reason: CancelReason | str) -> None:
@@ -107,7 +225,6 @@ def cancel_order(conn: Connection, order_id: UUID, reason: CancelReason | str) -
         EventType.ORDER_CANCELLED,
         {"reason": str(reason)},
         cancel_reason=str(reason),
-        problem=None,
     )
 
 
@@ -143,35 +260,34 @@ def _move(
     status: OrderStatus,
     event: EventType,
     payload: dict[str, Any],
-    **columns: Any,
+    *,
+    cancel_reason: str | None = None,
+    problem: str | None = None,
 ) -> None:
     """Change the order's status if the transition is legal, and append its event."""
-    now = datetime.now(UTC)
-    version = conn.execute(
-        update(orders)
-        .where(orders.c.id == order_id)
-        .where(orders.c.status.in_(statuses_before(status)))
-        .values(status=status, version=orders.c.version + 1, updated_at=now, **columns)
-        .returning(orders.c.version)
-    ).scalar_one_or_none()
-    if version is None:
+    parameters = _move_parameters(order_id, status, event, payload, cancel_reason, problem)
+    if conn.execute(_MOVE, parameters).scalar_one_or_none() is None:
         raise InvalidTransitionError(f"order {order_id} cannot become {status}")
-    _append_event(conn, order_id, version, event, payload, now)
 
 
-def _append_event(
-    conn: Connection,
+def _move_parameters(
     order_id: UUID,
-    seq: int,
+    status: OrderStatus,
     event: EventType,
     payload: dict[str, Any],
-    now: datetime,
-) -> None:
-    conn.execute(
-        insert(order_events).values(
-            order_id=order_id, seq=seq, type=event, payload=payload, occurred_at=now
-        )
-    )
+    cancel_reason: str | None = None,
+    problem: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "status": status.value,
+        "allowed": [old.value for old in statuses_before(status)],
+        "cancel_reason": cancel_reason,
+        "problem": problem,
+        "now": datetime.now(UTC),
+        "event": event.value,
+        "payload": payload,
+    }
 
 
 def _prices_of_known_products(conn: Connection, cmd: PlaceOrder) -> dict[str, Decimal]:

@@ -4,6 +4,8 @@ commit, and relayed from the outbox when that dispatch did not happen."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -35,6 +37,54 @@ def stage_saga(
     )
 
 
+class OutboxClearer:
+    """Removes the outbox entries of dispatched sagas, many at a time, in the background.
+
+    One delete every ``interval`` instead of one transaction per order. Losing a batch
+    (a crash) only makes the relay dispatch those sagas a second time, which changes
+    nothing: their steps and completion are idempotent."""
+
+    #: Seconds between two deletes.
+    interval = 0.1
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pending: list[UUID] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, saga_id: UUID) -> None:
+        """Clear this saga's entry soon."""
+        with self._lock:
+            self._pending.append(saga_id)
+            if self._thread is None or self._pid != os.getpid():  # started after a fork
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="outbox-clearer", daemon=True
+                )
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Delete the pending entries now."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                conn.execute(delete(outbox).where(outbox.c.saga_id.in_(batch)))
+        except Exception as exc:
+            logger.warning("%d outbox entries kept (the relay will see them): %r", len(batch), exc)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self.flush()
+
+
 class ChordLauncher:
     """The ``SagaStarter`` of the API: stages the saga in the order's transaction, then
     publishes its chord; the outbox relay covers a publish that failed."""
@@ -46,13 +96,15 @@ class ChordLauncher:
         self.app = app
         self.definition = definition
         self.deadline = deadline
+        self.clearer = OutboxClearer(engine)
 
     def stage(self, conn: Connection, start: SagaStart) -> None:
         """Record the running saga and its outbox entry in the caller's transaction."""
         stage_saga(conn, self.definition, start, deadline=self.deadline)
 
     def launch(self, start: SagaStart) -> bool:
-        """Publish the saga now and clear its outbox entry; False if left to the relay."""
+        """Publish the saga now (its outbox entry is cleared soon after); False if left
+        to the relay."""
         try:
             # No publish retries: a broker that does not answer costs the client at most
             # the socket timeout; the outbox entry makes the order durable anyway.
@@ -61,13 +113,7 @@ class ChordLauncher:
             logger.warning("saga %s left to the outbox relay: %r", start.saga_id, exc)
             return False
         failpoint("launch.after_publish")
-        try:
-            with self.engine.begin() as conn:
-                # Losing this delete in a crash only means one harmless second dispatch.
-                conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
-                conn.execute(delete(outbox).where(outbox.c.saga_id == start.saga_id))
-        except Exception as exc:
-            logger.warning("saga %s dispatched; outbox entry kept: %r", start.saga_id, exc)
+        self.clearer.add(start.saga_id)
         return True
 
 

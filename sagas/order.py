@@ -69,9 +69,9 @@ class OrderSaga:
 
     def confirm(self, conn: Connection, payload: Mapping[str, Any]) -> None:
         """Turn both reservations into stock gone and credit used; confirm the order."""
-        inventory.commit_stock(conn, _lines(payload))
-        credit.commit_credit(conn, _customer(payload), _amount(payload))
-        services.confirm_order(conn, UUID(payload["order_id"]))
+        services.confirm_order(
+            conn, UUID(payload["order_id"]), _lines(payload), _customer(payload), _amount(payload)
+        )
 
     def cancel(self, conn: Connection, payload: Mapping[str, Any], reason: str) -> None:
         """Cancel the order with the reason."""

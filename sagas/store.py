@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, insert, literal, select, update
+from sqlalchemy import Connection, bindparam, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from sagas.engine import ACTIVE_STATES, SagaState, StepOutcome, StepStatus
@@ -28,6 +29,72 @@ class LockedSaga:
     redrives: int = 0
 
 
+_s, _st = sagas.c, saga_steps.c
+
+#: A new saga and its outbox entry, in one statement.
+_CREATE = insert(outbox).from_select(
+    ["saga_id", "created_at"],
+    select(
+        insert(sagas)
+        .values(
+            id=bindparam("saga_id"),
+            name=bindparam("name"),
+            state=SagaState.RUNNING.value,
+            payload=bindparam("payload", type_=JSONB),
+            deadline_at=bindparam("deadline_at"),
+            created_at=bindparam("now"),
+        )
+        .returning(_s.id)
+        .cte("new_saga")
+        .c.id,
+        bindparam("now"),
+    ),
+)
+_RECORD_STEP = (
+    pg_insert(saga_steps)
+    .values(
+        saga_id=bindparam("saga_id"),
+        step=bindparam("step"),
+        status=bindparam("status"),
+        reason=bindparam("reason"),
+        started_at=bindparam("started_at"),
+        finished_at=bindparam("finished_at"),
+    )
+    .on_conflict_do_nothing()
+    .returning(literal(1))
+)
+_READ_STEP = select(_st.status, _st.reason).where(
+    _st.saga_id == bindparam("saga_id"), _st.step == bindparam("step")
+)
+_LOCK = (
+    select(
+        _s.name,
+        _s.state,
+        _s.reason,
+        _s.payload,
+        _s.redrives,
+        _st.step,
+        _st.status,
+        _st.reason.label("step_reason"),
+    )
+    .outerjoin(saga_steps, _st.saga_id == _s.id)
+    .where(_s.id == bindparam("saga_id"))
+    # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
+    .with_for_update(of=sagas, key_share=True)
+)
+_FINISH = (
+    update(sagas)
+    .where(_s.id == bindparam("saga_id"))
+    .where(_s.state.in_([state.value for state in ACTIVE_STATES]))
+    .values(
+        state=bindparam("state"),
+        reason=bindparam("reason"),
+        error=None,
+        finished_at=bindparam("now"),
+    )
+)
+
+
 def create_saga(
     conn: Connection,
     saga_id: UUID,
@@ -39,16 +106,15 @@ def create_saga(
 ) -> None:
     """Record a new running saga and its outbox entry."""
     conn.execute(
-        insert(sagas).values(
-            id=saga_id,
-            name=name,
-            state=SagaState.RUNNING,
-            payload=dict(payload),
-            deadline_at=deadline_at,
-            created_at=now,
-        )
+        _CREATE,
+        {
+            "saga_id": saga_id,
+            "name": name,
+            "payload": dict(payload),
+            "deadline_at": deadline_at,
+            "now": now,
+        },
     )
-    conn.execute(insert(outbox).values(saga_id=saga_id, created_at=now))
 
 
 def record_step(
@@ -58,49 +124,45 @@ def record_step(
 
     A concurrent writer of the same (saga, step) makes this wait for its commit."""
     written = conn.execute(
-        pg_insert(saga_steps)
-        .values(
-            saga_id=saga_id,
-            step=outcome.step,
-            status=outcome.status,
-            reason=outcome.reason,
-            started_at=started_at,
-            finished_at=now,
-        )
-        .on_conflict_do_nothing()
-        .returning(literal(1))
+        _RECORD_STEP,
+        {
+            "saga_id": saga_id,
+            "step": outcome.step,
+            "status": outcome.status.value,
+            "reason": outcome.reason,
+            "started_at": started_at,
+            "finished_at": now,
+        },
     ).first()
     return written is not None
 
 
 def read_step(conn: Connection, saga_id: UUID, step: str) -> StepOutcome:
     """The ledger's outcome of one step (which must exist)."""
-    row = conn.execute(
-        select(saga_steps.c.status, saga_steps.c.reason).where(
-            saga_steps.c.saga_id == saga_id, saga_steps.c.step == step
-        )
-    ).one()
+    row = conn.execute(_READ_STEP, {"saga_id": saga_id, "step": step}).one()
     return StepOutcome(step, StepStatus(row.status), row.reason)
 
 
 def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
-    """Lock the saga row (decisions on one saga run one at a time) and read its ledger."""
-    row = conn.execute(
-        select(sagas.c.name, sagas.c.state, sagas.c.reason, sagas.c.payload, sagas.c.redrives)
-        .where(sagas.c.id == saga_id)
-        # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
-        .with_for_update(key_share=True)
-    ).first()
-    if row is None:
+    """Lock the saga row (decisions on one saga run one at a time) and read its ledger,
+    in one query."""
+    rows = conn.execute(_LOCK, {"saga_id": saga_id}).all()
+    if not rows:
         return None
+    first = rows[0]
+    outcomes = {
+        row.step: StepOutcome(row.step, StepStatus(row.status), row.step_reason)
+        for row in rows
+        if row.step is not None
+    }
     return LockedSaga(
         saga_id,
-        row.name,
-        SagaState(row.state),
-        row.reason,
-        row.payload,
-        read_ledger(conn, saga_id),
-        row.redrives,
+        first.name,
+        SagaState(first.state),
+        first.reason,
+        first.payload,
+        outcomes,
+        first.redrives,
     )
 
 
@@ -180,12 +242,7 @@ def finish_saga(
     conn: Connection, saga_id: UUID, state: SagaState, reason: str | None, now: datetime
 ) -> None:
     """Move an active saga to its final state."""
-    conn.execute(
-        update(sagas)
-        .where(sagas.c.id == saga_id)
-        .where(sagas.c.state.in_(ACTIVE_STATES))
-        .values(state=state, reason=reason, error=None, finished_at=now)
-    )
+    conn.execute(_FINISH, {"saga_id": saga_id, "state": state.value, "reason": reason, "now": now})
 
 
 def mark_compensation_failed(

@@ -25,7 +25,7 @@ from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.tables import outbox, sagas
 from scripts.services import free_port
 from tests.fakes import RecordingLauncher
-from tests.helpers import add_customer, add_product
+from tests.helpers import add_customer, add_product, wait_for
 from workers.celery_app import create_celery
 
 
@@ -92,8 +92,13 @@ def test_a_saga_is_one_chord_whose_steps_run_in_parallel_on_the_saga_lane(
         body = message["embed"]["chord"]
         assert (body["task"], body["args"]) == (names.COMPLETE_ORDER, [saga_id])
         assert body["options"]["task_id"] == f"{saga_id}.complete"
-    # The API's fast path cleared the outbox entry, and holds no result subscription.
-    assert not outbox_has(engine, accepted.saga_id)
+    # The API's fast path clears the outbox entry (in its next batch) and holds no
+    # result subscription.
+    wait_for(
+        "the outbox entry to be cleared",
+        lambda: not outbox_has(engine, accepted.saga_id),
+        timeout=5,
+    )
     assert not publisher.backend.result_consumer.subscribed_to
 
 
