@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 BIN := .venv/bin
 
-.PHONY: run test check lint typecheck imports unit integration e2e chaos install clean
+.PHONY: run test check lint typecheck imports unit integration e2e chaos bench install clean
 
 run: install            ## The whole system locally: PostgreSQL, Redis, API, worker, beat, Flower
 	$(PY) -m scripts.run
@@ -33,6 +33,10 @@ e2e: install
 
 chaos: install          ## The full soak: 2000 orders, a fault every few seconds, every invariant
 	$(PY) -m tests.chaos.soak $(CHAOS_ARGS)
+
+bench: install          ## Saga vs bare chord throughput and latency; writes bench/results/
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 install:
 	@scripts/bootstrap.sh

@@ -22,6 +22,10 @@ RELAY_OUTBOX = "housekeeping.relay_outbox"
 #: Deadline sweeper: redrive or finish sagas past their deadline.
 SWEEP_SAGAS = "housekeeping.sweep_sagas"
 
+#: Benchmark only (BENCH_TASKS=1): a no-op chord member, and its body.
+BENCH_NOOP = "bench.noop"
+BENCH_NOOP_DONE = "bench.noop_done"
+
 #: Routes by task name; anything unlisted goes to DEFAULT_QUEUE.
 ROUTES: dict[str, str] = {
     RESERVE_STOCK: SAGA_QUEUE,
@@ -29,4 +33,6 @@ ROUTES: dict[str, str] = {
     COMPLETE_ORDER: SAGA_QUEUE,
     RELAY_OUTBOX: DEFAULT_QUEUE,
     SWEEP_SAGAS: DEFAULT_QUEUE,
+    BENCH_NOOP: SAGA_QUEUE,
+    BENCH_NOOP_DONE: SAGA_QUEUE,
 }

@@ -80,6 +80,8 @@ class Settings:
     task_time_limit: int = 60
     #: Socket timeout of the API's publish to the broker; past it the outbox takes over.
     dispatch_timeout_seconds: float = 1.0
+    #: Register the benchmark's no-op chord tasks (make bench).
+    bench_tasks: bool = False
     #: Test-only: each saga step sleeps this long first (shows the steps run in parallel).
     step_delay_seconds: float = 0.0
     #: Log level name for every process.
@@ -159,5 +161,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "DISPATCH_TIMEOUT_SECONDS", float, d.dispatch_timeout_seconds
         ),
         step_delay_seconds=_number(env, "SAGA_STEP_DELAY_SECONDS", float, d.step_delay_seconds),
+        bench_tasks=env.get("BENCH_TASKS", "") == "1",
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
     )

@@ -9,6 +9,7 @@ chord's completion still runs and compensates. Only when even that cannot be wri
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -61,6 +62,22 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         """Redrive or finish the sagas past their deadline."""
         report = sweep_overdue(runtime.engine, app, sagas, runtime.recovery)
         return vars(report)
+
+    if runtime.settings.bench_tasks:
+        _register_bench_tasks(app, runtime)
+
+
+def _register_bench_tasks(app: Celery, runtime: Runtime) -> None:
+    """The bare chord the benchmark compares the saga with: no-op members, and a body
+    that only notes when it ran."""
+
+    @app.task(name=names.BENCH_NOOP, base=SagaTask)
+    def noop(chord_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"step": "noop", "status": "APPLIED", "reason": None}
+
+    @app.task(name=names.BENCH_NOOP_DONE, base=SagaTask)
+    def noop_done(results: list[dict[str, Any]], chord_id: str) -> None:
+        runtime.redis.rpush("bench:done", f"{chord_id} {time.time()}")
 
 
 def _step_task(runtime: Runtime, step: str) -> Callable[..., dict[str, Any]]:

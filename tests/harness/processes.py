@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,6 +116,8 @@ class Stack:
     worker_concurrency: int = 2
     #: Worker nodes: "worker", then "worker-2", "worker-3"...
     workers: int = 1
+    #: Run workers with -E (task events, as Flower needs and the Procfile does).
+    worker_events: bool = False
     beat: bool = False
     api_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
@@ -163,6 +166,7 @@ class Stack:
                     "--without-gossip",
                     "-l",
                     "INFO",
+                    *(["-E"] if self.worker_events else []),
                 ],
                 env,
                 self.log_dir,
@@ -197,8 +201,7 @@ class Stack:
             )
         for service in self.services:
             service.start()
-        for worker in workers:
-            worker.wait_for_log(r"ready\.")
+        self._wait_for_workers(workers)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -209,6 +212,28 @@ class Stack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the API never became ready:\n{web.log()[-3000:]}")
             time.sleep(0.1)
+
+    def _wait_for_workers(self, workers: list[Service], timeout: float = 60.0) -> None:
+        """Wait until every worker answers a ping (whatever its log level)."""
+        from workers.celery_app import create_celery
+
+        app = create_celery(self.settings, publisher=True)
+        names = {
+            f"node{n}-{self.api_port}@{socket.gethostname()}" for n in range(1, len(workers) + 1)
+        }
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                answered = {name for reply in app.control.ping(timeout=0.5) for name in reply}
+                if names <= answered:
+                    return
+                for worker in workers:
+                    if worker.process is not None and worker.process.poll() is not None:
+                        raise RuntimeError(f"{worker.name} exited:\n{worker.log()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers {names - answered} never answered a ping")
+        finally:
+            app.close()
 
     def stop(self) -> None:
         """Stop every process of the stack."""

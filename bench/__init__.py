@@ -1,0 +1,1 @@
+"""The benchmark: ``make bench`` (outside the test run)."""

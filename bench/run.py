@@ -1,0 +1,393 @@
+"""``make bench``: the order saga's throughput and latency next to a bare Celery chord.
+
+Starts PostgreSQL (fsync on) and Redis (append-only file, as in docker-compose.yml),
+then the API under gunicorn, the worker and beat as the Procfile runs them. On that
+stack it offers an open-loop load at a ladder of fixed rates, first of bare chords (two
+no-op members and a no-op body, published like a saga's), then of orders over HTTP, and
+reports per rate: completions/s, POST latency, completion latency, errors, CPU per
+process group and peak memory; the highest rate each sustains with p99 under 1 s, and
+their ratio. The report goes to bench/results/report.md with a plot, latency.png.
+
+    python -m bench.run [--duration 15] [--rates 50,100,...] [--concurrency 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from redis import Redis
+from sqlalchemy import insert, text
+
+from bench.httpload import post_json, run_load
+from bench.report import write_report
+from config import names
+from config.settings import POOL_PRESETS, Settings
+from orders.db import make_engine
+from orders.tables import customers, products
+from sagas.canvas import dispatch_saga
+from sagas.definition import SagaDefinition, Step
+from scripts.services import LocalPostgres, LocalRedis
+from tests.conftest import API_KEY, migrate
+from tests.harness.processes import Stack
+from workers.celery_app import create_celery
+
+#: A rate is sustained when its p99 completion time stays under this.
+SLO_SECONDS = 1.0
+DEFAULT_RATES = (25, 50, 75, 100, 125, 150, 175, 200, 250, 300)
+#: The bare chord: the saga's shape (two members, one body) with no work in it.
+BARE_CHORD = SagaDefinition(
+    name="bench",
+    steps=(Step("a", names.BENCH_NOOP), Step("b", names.BENCH_NOOP)),
+    complete_task=names.BENCH_NOOP_DONE,
+    queue=names.SAGA_QUEUE,
+)
+CUSTOMERS, PRODUCTS = 200, 200
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` (nearest rank), or NaN."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Level:
+    """What one system did at one offered rate."""
+
+    system: str
+    rate: float
+    duration: float
+    offered: int
+    completed: int
+    errors: int
+    #: Completion latency (publish or POST -> final), seconds.
+    latencies: list[float]
+    #: POST latency, seconds (sagas only).
+    post_latencies: list[float] = field(default_factory=list)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    redis_commands: float = 0.0
+    db_transactions: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Completions per second of the offered duration."""
+        return self.completed / self.duration
+
+    @property
+    def sustained(self) -> bool:
+        """Every operation finished and p99 stayed under the objective."""
+        return self.completed == self.offered and quantile(self.latencies, 0.99) < SLO_SECONDS
+
+
+class Processes:
+    """CPU time and peak memory of the stack's processes, by group."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = str(base)
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        """The stack's processes: api, worker, beat, postgres, redis, and this one."""
+        found: dict[str, list[psutil.Process]] = {}
+        me = psutil.Process()
+        for proc in psutil.process_iter(["cmdline", "name"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "gunicorn" in cmd:
+                group = "api"
+            elif "celery" in cmd and " worker" in cmd:
+                group = "worker"
+            elif "celery" in cmd and " beat" in cmd:
+                group = "beat"
+            elif (proc.info["name"] or "").startswith("postgres"):
+                group = "postgres"
+            elif "redis-server" in (proc.info["name"] or ""):
+                group = "redis"
+            elif proc.pid == me.pid:
+                group = "load generator"
+            else:
+                continue
+            found.setdefault(group, []).append(proc)
+        return found
+
+    def cpu(self) -> dict[str, float]:
+        """Seconds of CPU each group used so far."""
+        used: dict[str, float] = {}
+        for group, procs in self.groups().items():
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                used[group] = used.get(group, 0.0) + times.user + times.system
+        return used
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            for group, procs in self.groups().items():
+                rss = 0
+                for proc in procs:
+                    try:
+                        rss += proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+                self.peak[group] = max(self.peak.get(group, 0.0), rss / 2**20)
+
+    def reset_peaks(self) -> None:
+        """Start a new peak-memory measurement."""
+        self.peak = {}
+
+    def start(self) -> None:
+        """Start sampling memory."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+
+
+class Bench:
+    """The stack under test and the two loads."""
+
+    def __init__(self, base: Path, worker_concurrency: int, events: bool) -> None:
+        self.base = base
+        self.postgres = LocalPostgres(base, fsync=True)
+        self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=True)
+        self.worker_concurrency = worker_concurrency
+        self.events = events
+        self.processes = Processes(base)
+        self.rng = random.Random(7)
+
+    def start(self) -> None:
+        """Servers, schema, data, then the system's processes."""
+        self.postgres.start()
+        self.redis.start()
+        self.postgres.create_database("orders")
+        migrate(self.postgres.url())
+        self.settings = Settings(
+            env="test",
+            database_url=self.postgres.url(),
+            db_pool=POOL_PRESETS["local"],
+            broker_url=self.redis.url(0),
+            result_backend_url=self.redis.url(1),
+            api_keys=frozenset({API_KEY}),
+        )
+        self.engine = make_engine(self.settings, application_name="bench")
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(customers),
+                [
+                    {"id": f"C{n}", "name": "bench", "credit_limit": 10**10}
+                    for n in range(CUSTOMERS)
+                ],
+            )
+            conn.execute(
+                insert(products),
+                [
+                    {"id": f"P{n}", "name": "bench", "unit_price": 1, "on_hand": 10**9}
+                    for n in range(PRODUCTS)
+                ],
+            )
+        self.stack = Stack(
+            self.settings,
+            self.base / "logs",
+            beat=True,
+            worker_concurrency=self.worker_concurrency,
+            extra_env={"BENCH_TASKS": "1"},
+            worker_events=self.events,
+        )
+        self.stack.start()
+        self.publisher = create_celery(self.settings, publisher=True)
+        self.broker = Redis.from_url(self.settings.broker_url)
+        self.processes.start()
+
+    def stop(self) -> None:
+        """Stop everything that was started."""
+        self.processes.stop()
+        if hasattr(self, "stack"):
+            self.stack.stop()
+        if hasattr(self, "engine"):
+            self.engine.dispose()
+        self.redis.stop()
+        self.postgres.stop()
+
+    def _counters(self) -> tuple[float, float]:
+        commands = float(self.broker.info("stats")["total_commands_processed"])
+        with self.engine.connect() as conn:
+            xacts = conn.execute(
+                text(
+                    "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                    "WHERE datname = 'orders'"
+                )
+            ).scalar_one()
+        return commands, float(xacts)
+
+    def measure(
+        self, system: str, rate: float, duration: float, drive: Callable[[float, float], Level]
+    ) -> Level:
+        """Run one level and attach its costs."""
+        self.processes.reset_peaks()
+        cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
+        level = drive(rate, duration)
+        cpu_after, (cmd_after, xact_after) = self.processes.cpu(), self._counters()
+        done = max(1, level.completed)
+        level.cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / done for g in cpu_after}
+        level.peak_rss_mb = dict(self.processes.peak)
+        level.redis_commands = (cmd_after - cmd_before) / done
+        level.db_transactions = (xact_after - xact_before) / done
+        return level
+
+    def bare_chords(self, rate: float, duration: float) -> Level:
+        """Publish no-op chords at ``rate``; completion = the body's recorded time."""
+        self.broker.delete("bench:done")
+        count = int(rate * duration)
+        published: dict[str, float] = {}
+        start = time.monotonic() + 0.05
+        wall = time.time() - time.monotonic()
+        for n in range(count):
+            due = start + n / rate
+            time.sleep(max(0.0, due - time.monotonic()))
+            chord_id = uuid.uuid4()
+            published[str(chord_id)] = due + wall
+            dispatch_saga(self.publisher, BARE_CHORD, chord_id, {})
+        deadline = time.monotonic() + 10
+        while self.broker.llen("bench:done") < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        finished = [entry.decode().split() for entry in self.broker.lrange("bench:done", 0, -1)]
+        latencies = [float(t) - published[c] for c, t in finished if c in published]
+        return Level("bare chord", rate, duration, count, len(latencies), 0, latencies)
+
+    def sagas(self, rate: float, duration: float) -> Level:
+        """POST orders at ``rate``; completion = the saga's own finish time."""
+        since = time.time()
+        host = "127.0.0.1"
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+
+        def order(n: int) -> bytes:
+            body = {
+                "customer_id": f"C{self.rng.randrange(CUSTOMERS)}",
+                "lines": [
+                    {
+                        "product_id": f"P{self.rng.randrange(PRODUCTS)}",
+                        "quantity": self.rng.randint(1, 3),
+                    }
+                ],
+            }
+            return post_json(host, "/orders", body, auth)
+
+        samples = run_load(host, self.stack.api_port, order, rate=rate, duration=duration)
+        accepted = [s for s in samples if s.status == 202]
+        deadline = time.monotonic() + 10
+        query = text(
+            "SELECT count(*) FILTER (WHERE finished_at IS NULL) AS busy, "
+            "array_agg(extract(epoch FROM finished_at - created_at)) AS took "
+            "FROM sagas WHERE created_at >= to_timestamp(:since)"
+        )
+        while True:
+            with self.engine.connect() as conn:
+                row = conn.execute(query, {"since": since}).one()
+            if row.busy == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        latencies = [float(t) for t in (row.took or []) if t is not None]
+        return Level(
+            "saga",
+            rate,
+            duration,
+            len(samples),
+            len(latencies),
+            len(samples) - len(accepted),
+            latencies,
+            post_latencies=[s.latency for s in samples],
+        )
+
+
+def climb(
+    bench: Bench,
+    systems: dict[str, Callable[[float, float], Level]],
+    rates: list[float],
+    duration: float,
+    log: Callable[[str], None],
+) -> dict[str, list[Level]]:
+    """Offer each rate to each system in turn (so both are measured close in time on a
+    machine whose speed drifts); a system leaves the ladder at its first rate not
+    sustained."""
+    levels: dict[str, list[Level]] = {name: [] for name in systems}
+    for rate in rates:
+        for name, drive in systems.items():
+            if levels[name] and not levels[name][-1].sustained:
+                continue
+            level = bench.measure(name, rate, duration, drive)
+            levels[name].append(level)
+            log(
+                f"  {name:<10} {rate:5.0f}/s offered: {level.throughput:6.1f}/s done, "
+                f"p50 {quantile(level.latencies, 0.5) * 1000:7.1f} ms, "
+                f"p99 {quantile(level.latencies, 0.99) * 1000:7.1f} ms, "
+                f"CPU {sum(level.cpu_ms.values()):5.1f} ms/op "
+                f"(worker {level.cpu_ms.get('worker', 0.0):4.1f}, "
+                f"api {level.cpu_ms.get('api', 0.0):4.1f})"
+                + ("" if level.sustained else "  (not sustained)")
+            )
+            time.sleep(2)  # let the queues drain before the next level
+        if all(lv and not lv[-1].sustained for lv in levels.values()):
+            break
+    return levels
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="worker pool processes (the Procfile's SAGA_CONCURRENCY)",
+    )
+    parser.add_argument(
+        "--no-events",
+        action="store_true",
+        help="run the worker without -E (no task events for Flower)",
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--only", choices=("bare", "saga"), help="measure one system only")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
+        bench = Bench(Path(base), args.concurrency, events=not args.no_events)
+        try:
+            bench.start()
+            print(
+                f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
+                f"{'' if args.no_events else ' -E'}",
+                flush=True,
+            )
+            systems = {"bare chord": bench.bare_chords, "saga": bench.sagas}
+            if args.only:
+                systems = {k: v for k, v in systems.items() if k.startswith(args.only)}
+            levels = climb(bench, systems, rates, args.duration, print)
+            bare, saga = levels.get("bare chord", []), levels.get("saga", [])
+        finally:
+            bench.stop()
+    report = write_report(args.out, bare, saga, SLO_SECONDS, vars(args))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
