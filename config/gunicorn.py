@@ -6,6 +6,8 @@ gunicorn -c python:config.gunicorn 'workers.web:create_app()'
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 #: Loopback unless told otherwise (API_BIND=0.0.0.0 in a container).
 bind = f"{os.environ.get('API_BIND', '127.0.0.1')}:{os.environ.get('API_PORT', '8000')}"
@@ -22,3 +24,21 @@ max_requests_jitter = 2000
 preload_app = False
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def on_starting(server: object) -> None:
+    """Before the workers fork: a fresh directory for their Prometheus metrics, so that
+    /metrics adds up every worker (prometheus_client's multiprocess mode)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orders-api-metrics-")
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker went away: its live gauges no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]

@@ -86,6 +86,12 @@ class Settings:
     step_delay_seconds: float = 0.0
     #: Log level name for every process.
     log_level: str = "INFO"
+    #: "text" (one line per record) or "json" (one JSON object per line).
+    log_format: str = "text"
+    #: The worker serves Prometheus metrics on this port (0: not at all).
+    worker_metrics_port: int = 0
+    #: ... on this address (loopback unless told otherwise).
+    worker_metrics_bind: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         """Refuse settings that are malformed or unsafe for the environment."""
@@ -96,6 +102,8 @@ class Settings:
         for name in ("max_body_bytes", "max_order_lines", "max_line_quantity", "max_redeliveries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.env == "production":
             if not self.api_keys:
                 raise ConfigError("API_KEYS must be set in production")
@@ -163,4 +171,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         step_delay_seconds=_number(env, "SAGA_STEP_DELAY_SECONDS", float, d.step_delay_seconds),
         bench_tasks=env.get("BENCH_TASKS", "") == "1",
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+        log_format=env.get("LOG_FORMAT", d.log_format).lower(),
+        worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),
+        worker_metrics_bind=env.get("WORKER_METRICS_BIND", d.worker_metrics_bind),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from config.failpoints import failpoint
+from config.logs import bind_log_context
 from orders import credit, inventory
 from orders.domain import (
     CancelReason,
@@ -41,6 +43,8 @@ from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, InvalidT
 from orders.inventory import Lines
 from orders.ports import SagaStart, SagaStarter
 from orders.tables import customers, idempotency_keys, order_events, order_lines, orders, products
+
+logger = logging.getLogger(__name__)
 
 _o, _e = orders.c, order_events.c
 
@@ -156,6 +160,7 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
     IdempotencyKeyReusedError, and then nothing is written."""
     now = datetime.now(UTC)
     order_id, saga_id = uuid.uuid4(), uuid.uuid4()
+    bind_log_context(order_id=order_id, saga_id=saga_id)
     with engine.begin() as conn:
         if cmd.idempotency_key is not None:
             earlier = _claim_idempotency_key(conn, cmd, order_id, now)
@@ -190,6 +195,7 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
         starter.stage(conn, start)
     failpoint("api.after_commit")
     starter.launch(start)
+    logger.info("order accepted: %d lines, total %s", len(cmd.lines), total)
     return Accepted(order_id=order_id, saga_id=saga_id)
 
 

@@ -11,7 +11,7 @@ so the saga is confirmed or compensated. A saga whose compensation failed is ret
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sagas import runner, store
 from sagas.canvas import dispatch_saga
 from sagas.engine import DEADLINE_EXCEEDED, SagaState
-from sagas.runner import SagaHandlers
+from sagas.runner import Completion, SagaHandlers
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,17 @@ def sweep_overdue(
     policy: RecoveryPolicy,
     *,
     limit: int = SWEEP_BATCH,
+    on_complete: Callable[[Completion], None] | None = None,
 ) -> SweepReport:
-    """Take up every saga past its deadline; return what was done."""
+    """Take up every saga past its deadline; return what was done. ``on_complete`` is
+    told of every saga the sweep decided."""
     now = datetime.now(UTC)
     with engine.connect() as conn:
         overdue = store.overdue_sagas(conn, now, limit)
     report = SweepReport()
     for saga_id in overdue:
         try:
-            action = recover(engine, app, sagas, saga_id, policy, now)
+            action = recover(engine, app, sagas, saga_id, policy, now, on_complete)
         except Exception:
             logger.exception("saga %s: recovery failed; tried again after its deadline", saga_id)
             report.failed += 1
@@ -87,6 +89,7 @@ def recover(
     saga_id: UUID,
     policy: RecoveryPolicy,
     now: datetime,
+    on_complete: Callable[[Completion], None] | None = None,
 ) -> str:
     """Redrive or complete one overdue saga; "skipped" if it is no longer overdue."""
     with engine.begin() as conn:
@@ -104,11 +107,13 @@ def recover(
             store.count_redrive(conn, saga_id)
         logger.warning("saga %s overdue, steps %s missing: dispatched again", saga_id, missing)
         return "redriven"
-    runner.complete(
+    done = runner.complete(
         engine,
         saga,
         saga_id,
         retry_after=policy.compensation_retry,
         abort_missing=DEADLINE_EXCEEDED,
     )
+    if on_complete is not None:
+        on_complete(done)
     return "completed"

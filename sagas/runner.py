@@ -124,6 +124,8 @@ class Completion:
     """What completing a saga did: its decision, or None if it was already final."""
 
     decision: Decision | None
+    #: When the saga was accepted (for its duration), if it was decided now.
+    created_at: datetime | None = None
 
 
 def complete(
@@ -180,7 +182,7 @@ def _complete_once(
         failpoint("complete.before_commit")
     failpoint("complete.after_commit")
     logger.info("saga %s %s %s", saga_id, decision.state, decision.reason or "")
-    return Completion(decision)
+    return Completion(decision, locked.created_at)
 
 
 def _outcomes(
@@ -232,4 +234,4 @@ def _record_compensation_failure(
         saga.compensation_failed(conn, locked.payload, reason, problem)
     logger.error("saga %s: compensation failed, retry at %s: %s", saga_id, retry_at, problem)
     decision = Decision(SagaState.COMPENSATION_FAILED, failure.decision.compensate, reason)
-    return Completion(decision)
+    return Completion(decision, locked.created_at)

@@ -27,6 +27,7 @@ class LockedSaga:
     payload: Mapping[str, Any]
     outcomes: Mapping[str, StepOutcome]
     redrives: int = 0
+    created_at: datetime | None = None
 
 
 _s, _st = sagas.c, saga_steps.c
@@ -73,6 +74,7 @@ _LOCK = (
         _s.reason,
         _s.payload,
         _s.redrives,
+        _s.created_at,
         _st.step,
         _st.status,
         _st.reason.label("step_reason"),
@@ -163,6 +165,7 @@ def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
         first.payload,
         outcomes,
         first.redrives,
+        first.created_at,
     )
 
 
@@ -202,7 +205,14 @@ def claim_overdue(
         .where(sagas.c.state.in_(ACTIVE_STATES))
         .where(sagas.c.deadline_at < now)
         .values(deadline_at=next_deadline, recovery_attempts=sagas.c.recovery_attempts + 1)
-        .returning(sagas.c.name, sagas.c.state, sagas.c.reason, sagas.c.payload, sagas.c.redrives)
+        .returning(
+            sagas.c.name,
+            sagas.c.state,
+            sagas.c.reason,
+            sagas.c.payload,
+            sagas.c.redrives,
+            sagas.c.created_at,
+        )
     ).first()
     if claimed is None:
         return None
@@ -214,6 +224,7 @@ def claim_overdue(
         claimed.payload,
         read_ledger(conn, saga_id),
         claimed.redrives,
+        claimed.created_at,
     )
 
 

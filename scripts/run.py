@@ -47,7 +47,7 @@ def main() -> int:
     keys = _secrets()
     pg = LocalPostgres(RUN_DIR, _port(5432))
     redis = LocalRedis(RUN_DIR, _port(6379), password=keys["redis_password"], appendonly=True)
-    api_port, flower_port = _port(8000), _port(5555)
+    api_port, flower_port, metrics_port = _port(8000), _port(5555), _port(9808)
     env = {
         "APP_ENV": "local",
         "DATABASE_URL": pg.url(),
@@ -55,6 +55,7 @@ def main() -> int:
         "API_KEYS": keys["api_key"],
         "API_PORT": str(api_port),
         "FLOWER_PORT": str(flower_port),
+        "WORKER_METRICS_PORT": str(metrics_port),
         "FLOWER_BASIC_AUTH": f"admin:{keys['flower_password']}",
         "RUN_DIR": str(RUN_DIR),
     }

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, task_postrun, task_prerun, task_retry, worker_init
 
+from config import names
 from config.celeryconf import celery_config
-from config.logs import configure_logging
+from config.logs import bind_log_context, clear_log_context, configure_logging
 from config.settings import Settings, load_settings
 from workers.compat import apply_fixes
+from workers.metrics import TASK_RETRIES, serve
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
@@ -39,11 +41,46 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
     app.config_from_object(config)
     if not publisher:
         apply_fixes()
-        register_tasks(app, Runtime(settings))
-
-        def _logging(**_: Any) -> None:
-            configure_logging(settings)
-
-        # Connected, this signal keeps Celery from installing its own log handlers.
-        setup_logging.connect(_logging, weak=False)
+        runtime = Runtime(settings)
+        register_tasks(app, runtime)
+        _connect_signals(app, runtime)
     return app
+
+
+def _connect_signals(app: Celery, runtime: Runtime) -> None:
+    """Logging, log context per task, retry counts, and the metrics server."""
+    settings = runtime.settings
+
+    def _logging(**_: Any) -> None:
+        configure_logging(settings)
+
+    # Connected, this signal keeps Celery from installing its own log handlers.
+    setup_logging.connect(_logging, weak=False)
+
+    def _bind(task_id: str, task: Any, args: Any = (), **_: Any) -> None:
+        delivery = getattr(task.request, "delivery_info", None) or {}
+        # Steps are (saga id, payload); the completion is (step results, saga id).
+        saga_id = args[-1] if task.name == names.COMPLETE_ORDER else (args or [None])[0]
+        payload = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
+        bind_log_context(
+            task=task.name,
+            task_id=task_id,
+            lane=delivery.get("routing_key"),
+            saga_id=saga_id,
+            order_id=payload.get("order_id"),
+        )
+
+    def _unbind(**_: Any) -> None:
+        clear_log_context()
+
+    def _count_retry(request: Any = None, **_: Any) -> None:
+        TASK_RETRIES.labels(getattr(request, "task", "unknown")).inc()
+
+    def _serve_metrics(**_: Any) -> None:
+        if settings.worker_metrics_port:
+            serve(settings, runtime.engine)
+
+    task_prerun.connect(_bind, weak=False)
+    task_postrun.connect(_unbind, weak=False)
+    task_retry.connect(_count_retry, weak=False)
+    worker_init.connect(_serve_metrics, weak=False)

@@ -24,6 +24,7 @@ from sagas.launch import relay_outbox
 from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.recovery import sweep_overdue
 from workers.base import TRANSIENT_ERRORS, HousekeepingTask, SagaTask, retry_delay
+from workers.metrics import STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         if runtime.poisoned(self.request):
             logger.error("saga %s: completion keeps crashing workers; left to the sweeper", saga_id)
             return
-        runner.complete(
+        done = runner.complete(
             runtime.engine,
             runtime.order_saga,
             UUID(saga_id),
             retry_after=runtime.recovery.compensation_retry,
         )
+        record_completion(done)
 
     @app.task(name=names.RELAY_OUTBOX, base=HousekeepingTask)
     def relay() -> int:
@@ -60,7 +62,9 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     @app.task(name=names.SWEEP_SAGAS, base=HousekeepingTask)
     def sweep() -> dict[str, int]:
         """Redrive or finish the sagas past their deadline."""
-        report = sweep_overdue(runtime.engine, app, sagas, runtime.recovery)
+        report = sweep_overdue(
+            runtime.engine, app, sagas, runtime.recovery, on_complete=record_completion
+        )
         return vars(report)
 
     if runtime.settings.bench_tasks:
@@ -86,6 +90,7 @@ def _step_task(runtime: Runtime, step: str) -> Callable[..., dict[str, Any]]:
         if runtime.poisoned(self.request):
             logger.error("saga %s step %s keeps crashing workers: aborted", saga_id, step)
             return runner.abort_step(runtime.engine, saga, step, POISON_MESSAGE).to_message()
+        started = time.perf_counter()
         try:
             outcome = runner.run_step(
                 runtime.engine,
@@ -103,6 +108,7 @@ def _step_task(runtime: Runtime, step: str) -> Callable[..., dict[str, Any]]:
         except Exception:
             logger.exception("saga %s step %s failed", saga_id, step)
             outcome = runner.abort_step(runtime.engine, saga, step, STEP_FAILED)
+        STEP_DURATION.labels(step).observe(time.perf_counter() - started)
         return outcome.to_message()
 
     run_step.__name__ = run_step.__qualname__ = step

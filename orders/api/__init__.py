@@ -6,8 +6,10 @@ from flask import Flask, Response, json
 from redis import Redis
 from sqlalchemy import Engine, text
 
+from config.logs import clear_log_context
 from config.settings import Settings, load_settings
 from orders.api.health import health_blueprint
+from orders.api.metrics import instrument
 from orders.api.openapi import openapi_document
 from orders.api.problems import register_error_handlers
 from orders.api.routes import orders_blueprint
@@ -32,6 +34,11 @@ def create_app(
     # before reading, or after reading one byte too many (see routes._json_body).
     app.config.update(DEBUG=False, MAX_CONTENT_LENGTH=settings.max_body_bytes + 1)
     register_error_handlers(app)
+    instrument(app)
+
+    @app.teardown_request
+    def forget_log_context(exc: BaseException | None) -> None:
+        clear_log_context()
 
     redis = Redis.from_url(
         settings.broker_url, socket_timeout=READY_TIMEOUT, socket_connect_timeout=READY_TIMEOUT

@@ -146,58 +146,36 @@ class Stack:
         """Start the worker and the API; return once both serve."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = process_env(self.settings, **self.extra_env)
+
+        def service(name: str, command: str, **extra: str) -> Service:
+            # Each process tree keeps its metrics apart, under the stack's directory.
+            metrics = str(self.log_dir / f"metrics-{name}")
+            own_env = {**env, "PROMETHEUS_MULTIPROC_DIR": metrics, **extra}
+            return Service(
+                name, [str(BIN / command.split()[0]), *command.split()[1:]], own_env, self.log_dir
+            )
+
+        events = " -E" if self.worker_events else ""
         workers = [
-            Service(
+            service(
                 "worker" if n == 1 else f"worker-{n}",
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "workers.app",
-                    "worker",
-                    "-P",
-                    "prefork",
-                    "-c",
-                    str(self.worker_concurrency),
-                    "-Q",
-                    "saga.high,default",
-                    "-n",
-                    f"node{n}-{self.api_port}@%h",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "-l",
-                    "INFO",
-                    *(["-E"] if self.worker_events else []),
-                ],
-                env,
-                self.log_dir,
+                f"celery -A workers.app worker -P prefork -c {self.worker_concurrency} "
+                f"-Q saga.high,default -n node{n}-{self.api_port}@%h --without-mingle "
+                f"--without-gossip -l INFO{events}",
             )
             for n in range(1, self.workers + 1)
         ]
-        web = Service(
+        web = service(
             "web",
-            [str(BIN / "gunicorn"), "-c", "python:config.gunicorn", "workers.web:create_app()"],
-            {**env, "API_PORT": str(self.api_port), "WEB_CONCURRENCY": "2"},
-            self.log_dir,
+            "gunicorn -c python:config.gunicorn workers.web:create_app()",
+            API_PORT=str(self.api_port),
+            WEB_CONCURRENCY="2",
         )
         self.services = [*workers, web]
         if self.beat:
             schedule = self.log_dir / f"beat-schedule-{self.api_port}"
             self.services.append(
-                Service(
-                    "beat",
-                    [
-                        str(BIN / "celery"),
-                        "-A",
-                        "workers.app",
-                        "beat",
-                        "-s",
-                        str(schedule),
-                        "-l",
-                        "INFO",
-                    ],
-                    env,
-                    self.log_dir,
-                )
+                service("beat", f"celery -A workers.app beat -s {schedule} -l INFO")
             )
         for service in self.services:
             service.start()

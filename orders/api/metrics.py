@@ -1,0 +1,56 @@
+"""The API's Prometheus metrics: requests and their latency, by route and status.
+
+Under gunicorn (several processes) the values live in PROMETHEUS_MULTIPROC_DIR (set up by
+config/gunicorn.py) and ``/metrics`` adds up every process; otherwise, in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter(
+    "orders_api_requests_total", "HTTP requests answered.", ["route", "method", "status"]
+)
+LATENCY = Histogram(
+    "orders_api_request_duration_seconds",
+    "Time to answer a request.",
+    ["route", "method"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+def instrument(app: Flask) -> None:
+    """Count and time every request; serve ``/metrics``."""
+
+    @app.before_request
+    def start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response) -> Response:
+        started = g.pop("request_started", None)
+        if started is not None:
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+            LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        registry = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
