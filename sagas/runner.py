@@ -85,9 +85,13 @@ def run_step(
     step: str,
     payload: Mapping[str, Any],
     *,
+    attempt: int = 1,
     delay: float = 0.0,
 ) -> StepOutcome:
-    """Perform one step once; on any later delivery, return the recorded outcome."""
+    """Perform one step once; on any later delivery, return the recorded outcome.
+
+    ``attempt`` is the task's try (1, then 2 after one retry...), recorded with the
+    outcome; each later delivery adds one."""
     started_at = datetime.now(UTC)
     if delay:
         time.sleep(delay)  # test-only (Settings.step_delay_seconds)
@@ -97,12 +101,15 @@ def run_step(
             status = StepStatus.APPLIED if reason is None else StepStatus.REFUSED
             outcome = StepOutcome(step, status, reason)
             now = datetime.now(UTC)
-            if not store.record_step(conn, saga_id, outcome, started_at=started_at, now=now):
+            recorded = store.record_step(
+                conn, saga_id, outcome, started_at=started_at, now=now, attempts=attempt
+            )
+            if not recorded:
                 raise _AlreadyRecorded
             failpoint("step.before_commit")
     except _AlreadyRecorded:
-        with engine.connect() as conn:
-            outcome = store.read_step(conn, saga_id, step)
+        with engine.begin() as conn:
+            outcome = store.count_redelivery(conn, saga_id, step)
         logger.info("saga %s step %s was already recorded: %s", saga_id, step, outcome.status)
     failpoint("step.after_commit")
     return outcome

@@ -60,12 +60,20 @@ _RECORD_STEP = (
         reason=bindparam("reason"),
         started_at=bindparam("started_at"),
         finished_at=bindparam("finished_at"),
+        attempts=bindparam("attempts"),
     )
     .on_conflict_do_nothing()
     .returning(literal(1))
 )
 _READ_STEP = select(_st.status, _st.reason).where(
     _st.saga_id == bindparam("saga_id"), _st.step == bindparam("step")
+)
+_REDELIVERED = (
+    update(saga_steps)
+    # Not "saga_id" / "step": an UPDATE reserves its columns' names for SET values.
+    .where(_st.saga_id == bindparam("of_saga"), _st.step == bindparam("of_step"))
+    .values(attempts=_st.attempts + 1)
+    .returning(_st.status, _st.reason)
 )
 _LOCK = (
     select(
@@ -120,7 +128,13 @@ def create_saga(
 
 
 def record_step(
-    conn: Connection, saga_id: UUID, outcome: StepOutcome, *, started_at: datetime, now: datetime
+    conn: Connection,
+    saga_id: UUID,
+    outcome: StepOutcome,
+    *,
+    started_at: datetime,
+    now: datetime,
+    attempts: int = 1,
 ) -> bool:
     """Write the step's outcome to the ledger; False if the ledger already had one.
 
@@ -134,6 +148,7 @@ def record_step(
             "reason": outcome.reason,
             "started_at": started_at,
             "finished_at": now,
+            "attempts": attempts,
         },
     ).first()
     return written is not None
@@ -142,6 +157,12 @@ def record_step(
 def read_step(conn: Connection, saga_id: UUID, step: str) -> StepOutcome:
     """The ledger's outcome of one step (which must exist)."""
     row = conn.execute(_READ_STEP, {"saga_id": saga_id, "step": step}).one()
+    return StepOutcome(step, StepStatus(row.status), row.reason)
+
+
+def count_redelivery(conn: Connection, saga_id: UUID, step: str) -> StepOutcome:
+    """Note that the step ran once more, and return its recorded outcome."""
+    row = conn.execute(_REDELIVERED, {"of_saga": saga_id, "of_step": step}).one()
     return StepOutcome(step, StepStatus(row.status), row.reason)
 
 

@@ -65,6 +65,8 @@ saga_steps = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("compensated_at", DateTime(timezone=True)),
+    #: How many times the step ran: retries before its outcome, redeliveries after it.
+    Column("attempts", Integer, nullable=False, server_default="1"),
     PrimaryKeyConstraint("saga_id", "step"),
     CheckConstraint(
         "status IN ('APPLIED', 'REFUSED', 'ABORTED', 'COMPENSATED')", name="known_status"

@@ -98,6 +98,7 @@ def _step_task(runtime: Runtime, step: str) -> Callable[..., dict[str, Any]]:
                 saga,
                 step,
                 payload,
+                attempt=self.request.retries + 1,
                 delay=runtime.settings.step_delay_seconds,
             )
         except TRANSIENT_ERRORS as exc:

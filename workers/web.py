@@ -15,6 +15,7 @@ from orders import api
 from orders.db import make_engine
 from sagas.launch import ChordLauncher
 from sagas.order import ORDER_SAGA
+from sagas.timeline import SqlTimeline
 from workers.celery_app import create_celery
 
 
@@ -26,4 +27,4 @@ def create_app() -> Flask:
     publisher = create_celery(settings, publisher=True)
     deadline = timedelta(seconds=settings.saga_deadline_seconds)
     launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
-    return api.create_app(settings, starter=launcher, engine=engine)
+    return api.create_app(settings, starter=launcher, engine=engine, timeline=SqlTimeline(engine))

@@ -13,8 +13,9 @@ from orders.api.metrics import instrument
 from orders.api.openapi import openapi_document
 from orders.api.problems import register_error_handlers
 from orders.api.routes import orders_blueprint
+from orders.api.timeline import timeline_blueprint
 from orders.db import make_engine
-from orders.ports import SagaStarter
+from orders.ports import SagaStarter, TimelineSource
 
 #: Seconds a readiness probe waits for the database or Redis.
 READY_TIMEOUT = 0.5
@@ -25,8 +26,10 @@ def create_app(
     *,
     starter: SagaStarter,
     engine: Engine | None = None,
+    timeline: TimelineSource | None = None,
 ) -> Flask:
-    """Build the API. ``starter`` dispatches sagas; ``engine`` defaults to a new one."""
+    """Build the API. ``starter`` dispatches sagas; ``timeline`` (optional) reads saga
+    timelines; ``engine`` defaults to a new one."""
     settings = settings or load_settings()
     engine = engine or make_engine(settings, application_name="orders-api")
     app = Flask(__name__)
@@ -54,6 +57,8 @@ def create_app(
 
     app.register_blueprint(health_blueprint({"database": database, "redis": broker}))
     app.register_blueprint(orders_blueprint(settings, engine, starter))
+    if timeline is not None:
+        app.register_blueprint(timeline_blueprint(settings, timeline))
     spec = json.dumps(openapi_document())
 
     @app.get("/openapi.json")

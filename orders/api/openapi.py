@@ -65,6 +65,12 @@ def _read(model: type[BaseModel], summary: str) -> dict[str, Any]:
     }
 
 
+def _page(summary: str, media: str) -> dict[str, Any]:
+    read = _read(OrderOut, summary)
+    read["get"]["responses"]["200"] = {"description": summary, "content": {media: {}}}
+    return read
+
+
 def openapi_document() -> dict[str, Any]:
     """The API described for clients and contract tests."""
     return {
@@ -105,6 +111,20 @@ def openapi_document() -> dict[str, Any]:
             },
             "/orders/{order_id}": _read(OrderOut, "The order with its lines"),
             "/orders/{order_id}/status": _read(StatusOut, "The order's status"),
+            "/orders/{order_id}/timeline": _page(
+                "The saga's steps with start and end times, outcome and attempts",
+                "application/json",
+            ),
+            "/orders/{order_id}/timeline.html": _page(
+                "The saga drawn as bars on a time axis", "text/html"
+            ),
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "Metrics"}},
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

@@ -119,6 +119,10 @@ class Stack:
     #: Run workers with -E (task events, as Flower needs and the Procfile does).
     worker_events: bool = False
     beat: bool = False
+    #: Start Flower with this "user:password" and URL prefix (workers then send events).
+    flower_auth: str | None = None
+    flower_prefix: str = ""
+    flower_port: int = field(default_factory=free_port)
     api_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
     clients: list[Api] = field(default_factory=list)
@@ -155,7 +159,7 @@ class Stack:
                 name, [str(BIN / command.split()[0]), *command.split()[1:]], own_env, self.log_dir
             )
 
-        events = " -E" if self.worker_events else ""
+        events = " -E" if self.worker_events or self.flower_auth else ""
         workers = [
             service(
                 "worker" if n == 1 else f"worker-{n}",
@@ -176,6 +180,14 @@ class Stack:
             schedule = self.log_dir / f"beat-schedule-{self.api_port}"
             self.services.append(
                 service("beat", f"celery -A workers.app beat -s {schedule} -l INFO")
+            )
+        if self.flower_auth:
+            self.services.append(
+                service(
+                    "flower",
+                    f"celery -A workers.app flower --address=127.0.0.1 --port={self.flower_port} "
+                    f"--url_prefix={self.flower_prefix} --basic-auth={self.flower_auth}",
+                )
             )
         for service in self.services:
             service.start()

@@ -69,7 +69,7 @@ def test_procfile_runs_the_api_the_saga_worker_beat_and_flower() -> None:
     assert "-Q saga.high" in lines["worker"]
     for name in ("worker", "beat", "flower"):
         assert "celery -A workers.app" in lines[name]
-    assert "--address=127.0.0.1" in lines["flower"]
+    assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in lines["flower"]
     assert "--basic-auth" in lines["flower"]
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

@@ -1,0 +1,67 @@
+"""An order's saga timeline, read from the saga row and its step ledger."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from sqlalchemy import Engine, bindparam, select
+
+from orders.ports import SagaTimeline, TimelineStep
+from orders.tables import orders
+from sagas.tables import saga_steps, sagas
+
+_READ = (
+    select(
+        orders.c.saga_id,
+        orders.c.created_at,
+        sagas.c.state,
+        sagas.c.reason,
+        sagas.c.finished_at,
+        saga_steps.c.step,
+        saga_steps.c.started_at,
+        saga_steps.c.finished_at.label("step_finished_at"),
+        saga_steps.c.status,
+        saga_steps.c.reason.label("step_reason"),
+        saga_steps.c.attempts,
+    )
+    .join(sagas, sagas.c.id == orders.c.saga_id)
+    .outerjoin(saga_steps, saga_steps.c.saga_id == sagas.c.id)
+    .where(orders.c.id == bindparam("order_id"))
+    .order_by(saga_steps.c.started_at)
+)
+
+
+class SqlTimeline:
+    """The API's ``TimelineSource``: one query over the order, its saga and its steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def timeline(self, order_id: UUID) -> SagaTimeline | None:
+        """The order's saga timeline, or None if there is no such order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_READ, {"order_id": order_id}).all()
+        if not rows:
+            return None
+        first = rows[0]
+        steps = tuple(
+            TimelineStep(
+                row.step,
+                row.started_at,
+                row.step_finished_at,
+                row.status,
+                row.step_reason,
+                row.attempts,
+            )
+            for row in rows
+            if row.step is not None
+        )
+        return SagaTimeline(
+            order_id,
+            first.saga_id,
+            first.state,
+            first.reason,
+            first.created_at,
+            first.finished_at,
+            steps,
+        )
