@@ -49,7 +49,6 @@ BARE_CHORD = SagaDefinition(
     name="bench",
     steps=(Step("a", names.BENCH_NOOP), Step("b", names.BENCH_NOOP)),
     complete_task=names.BENCH_NOOP_DONE,
-    queue=names.SAGA_QUEUE,
 )
 CUSTOMERS, PRODUCTS = 200, 200
 

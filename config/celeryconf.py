@@ -11,6 +11,7 @@ from typing import Any
 from kombu.entity import Queue
 
 from config import names
+from config.schedules import credit_check_schedule
 from config.settings import Settings
 
 #: Seconds between kombu's sweeps that hand unacknowledged messages of a dead worker
@@ -57,19 +58,27 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_expires": RESULT_EXPIRES,
         "task_time_limit": settings.task_time_limit,
-        "task_queues": [Queue(names.SAGA_QUEUE), Queue(names.DEFAULT_QUEUE)],
-        "task_default_queue": names.DEFAULT_QUEUE,
-        "task_routes": {task: {"queue": queue} for task, queue in names.ROUTES.items()},
+        "task_queues": [Queue(queue) for queue in settings.queues],
+        "task_default_queue": settings.default_queue,
+        "task_routes": {
+            task: {"queue": settings.queue(lane)} for task, lane in names.ROUTES.items()
+        },
         "task_create_missing_queues": False,
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
+        # Undecodable messages and unknown tasks become dead letters (workers.consumer).
+        "worker_consumer": "workers.consumer:DeadLetteringConsumer",
         "beat_schedule": {
             "relay-outbox": {
                 "task": names.RELAY_OUTBOX,
                 "schedule": settings.relay_interval_seconds,
                 # A relay run that waited longer than its period is superseded by the next.
                 "options": {"expires": settings.relay_interval_seconds * 5},
+            },
+            "credit-check": {
+                "task": names.START_CREDIT_CHECK,
+                "schedule": credit_check_schedule(settings),
             },
             "sweep-sagas": {
                 "task": names.SWEEP_SAGAS,

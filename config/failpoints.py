@@ -8,6 +8,8 @@ Armed through the environment, never in production::
 Actions: ``kill`` (SIGKILL this process), ``exit`` (exit at once, no cleanup), ``raise``
 (FailpointError), ``sleep:SECONDS``. ``*N`` fires the first N times across every process
 sharing FAILPOINTS_DIR, then the failpoint is inert; without it, it fires every time.
+``name@key=action`` arms the point only where the code passes that key (a chunk's
+number, say).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ KNOWN = {
     "complete.before_commit": "the decision is made, its transaction not yet committed",
     "complete.after_commit": "the saga is decided, its message not yet acknowledged",
     "compensate.release": "a compensation is about to release a reservation",
+    "credit_check.chunk": "a chunk of a credit check runs (key: the chunk's number)",
 }
 
 
@@ -49,9 +52,10 @@ def _parse(spec: str) -> dict[str, _Armed]:
     armed = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, action = item.partition("=")
+        base = name.partition("@")[0]
         action, _, count = action.partition("*")
-        if name not in KNOWN:
-            raise ValueError(f"unknown failpoint {name!r}; known: {', '.join(KNOWN)}")
+        if base not in KNOWN:
+            raise ValueError(f"unknown failpoint {base!r}; known: {', '.join(KNOWN)}")
         armed[name] = _Armed(action or "kill", int(count) if count else None)
     return armed
 
@@ -77,9 +81,12 @@ def _take_turn(name: str, count: int) -> bool:
     return False
 
 
-def failpoint(name: str) -> None:
-    """Crash here if a test armed ``name``; do nothing otherwise (always in production)."""
-    armed = _load().get(name)
+def failpoint(name: str, key: object = None) -> None:
+    """Crash here if a test armed ``name`` (or ``name@key``); do nothing otherwise
+    (always nothing in production)."""
+    points = _load()
+    armed = points.get(f"{name}@{key}") if key is not None else None
+    armed = armed or points.get(name)
     if armed is None or (armed.count is not None and not _take_turn(name, armed.count)):
         return
     action = armed.action

@@ -1,4 +1,4 @@
-"""Task and queue names, declared once.
+"""Task names, lanes and routes, declared once.
 
 Packages reach each other's tasks by these names (a Celery message addressed by name),
 never by importing the module that registers the task.
@@ -6,10 +6,25 @@ never by importing the module that registers the task.
 
 from __future__ import annotations
 
-#: The lane for interactive order sagas: its own worker processes, never behind batch work.
+from enum import StrEnum
+
+
+class Lane(StrEnum):
+    """The lanes work travels in, each a queue served by its own worker processes."""
+
+    #: Interactive order sagas: never behind other work.
+    SAGA = "saga"
+    #: Housekeeping (outbox relay, sweeper, batch coordination) and anything unrouted.
+    DEFAULT = "default"
+    #: Batch work (credit checks): the lowest priority, its own workers.
+    BATCH = "batch"
+
+
+#: The queue of each lane unless the settings name another (SAGA_LANE, DEFAULT_LANE,
+#: BATCH_LANE).
 SAGA_QUEUE = "saga.high"
-#: Housekeeping (outbox relay) and anything not routed elsewhere.
 DEFAULT_QUEUE = "default"
+BATCH_QUEUE = "batch.low"
 
 #: Saga step: reserve the order's stock (chord header member).
 RESERVE_STOCK = "saga.order.reserve_stock"
@@ -22,17 +37,29 @@ RELAY_OUTBOX = "housekeeping.relay_outbox"
 #: Deadline sweeper: redrive or finish sagas past their deadline.
 SWEEP_SAGAS = "housekeeping.sweep_sagas"
 
+#: Batch credit check: start a run (beat, on demand), and one chunk of it.
+START_CREDIT_CHECK = "batch.credit_check.start"
+CREDIT_CHECK_CHUNK = "batch.credit_check.chunk"
+
+#: Test only (TEST_TASKS=1): a task that fails while told to, and a batch-lane no-op.
+TEST_FLAKY = "testing.flaky"
+TEST_BATCH_NOOP = "testing.batch_noop"
+
 #: Benchmark only (BENCH_TASKS=1): a no-op chord member, and its body.
 BENCH_NOOP = "bench.noop"
 BENCH_NOOP_DONE = "bench.noop_done"
 
-#: Routes by task name; anything unlisted goes to DEFAULT_QUEUE.
-ROUTES: dict[str, str] = {
-    RESERVE_STOCK: SAGA_QUEUE,
-    RESERVE_CREDIT: SAGA_QUEUE,
-    COMPLETE_ORDER: SAGA_QUEUE,
-    RELAY_OUTBOX: DEFAULT_QUEUE,
-    SWEEP_SAGAS: DEFAULT_QUEUE,
-    BENCH_NOOP: SAGA_QUEUE,
-    BENCH_NOOP_DONE: SAGA_QUEUE,
+#: The lane of each task; anything unlisted travels in the default lane.
+ROUTES: dict[str, Lane] = {
+    RESERVE_STOCK: Lane.SAGA,
+    RESERVE_CREDIT: Lane.SAGA,
+    COMPLETE_ORDER: Lane.SAGA,
+    RELAY_OUTBOX: Lane.DEFAULT,
+    SWEEP_SAGAS: Lane.DEFAULT,
+    START_CREDIT_CHECK: Lane.DEFAULT,
+    CREDIT_CHECK_CHUNK: Lane.BATCH,
+    TEST_FLAKY: Lane.DEFAULT,
+    TEST_BATCH_NOOP: Lane.BATCH,
+    BENCH_NOOP: Lane.SAGA,
+    BENCH_NOOP_DONE: Lane.SAGA,
 }

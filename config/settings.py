@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from config import names
+
 ENVIRONMENTS = ("local", "test", "staging", "production")
 
 _N = TypeVar("_N", int, float)
@@ -51,6 +53,10 @@ class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     #: Celery result backend (Redis); holds the chord join state.
     result_backend_url: str = "redis://127.0.0.1:6379/1"
+    #: The queue of each lane (config.names.Lane).
+    saga_queue: str = names.SAGA_QUEUE
+    default_queue: str = names.DEFAULT_QUEUE
+    batch_queue: str = names.BATCH_QUEUE
     #: Bearer tokens accepted by the API.
     api_keys: frozenset[str] = frozenset()
     #: Largest request body the API reads, in bytes (413 above).
@@ -68,6 +74,13 @@ class Settings:
     max_redrives: int = 1
     #: A failed compensation is tried again after this long.
     compensation_retry_seconds: float = 60.0
+    #: Retries of a task after its first attempt, for transient errors.
+    task_max_retries: int = 8
+    #: Retry delays double from this many seconds...
+    retry_backoff_seconds: float = 1.0
+    #: ... up to this many (far below the visibility timeout: a waiting retry is never
+    #: redelivered).
+    retry_backoff_max_seconds: float = 30.0
     #: A message delivered more often than this (its worker crashed each time) is not run.
     max_redeliveries: int = 5
     #: The outbox relay leaves a fresh record this long to the API's own dispatch.
@@ -82,6 +95,16 @@ class Settings:
     dispatch_timeout_seconds: float = 1.0
     #: Register the benchmark's no-op chord tasks (make bench).
     bench_tasks: bool = False
+    #: Register test-only tasks (a task that fails on demand, a batch-lane no-op).
+    test_tasks: bool = False
+    #: When beat starts the batch credit check (crontab, UTC): nightly at 02:00.
+    credit_check_cron: str = "0 2 * * *"
+    #: Instead, every N seconds on aligned ticks (tests and demos); 0: use the crontab.
+    credit_check_every_seconds: float = 0.0
+    #: Customers per chunk of a credit check.
+    credit_check_chunk_size: int = 100
+    #: Bearer tokens of operators: the dead-letter queue and batch runs (/admin, /batches).
+    admin_api_keys: frozenset[str] = frozenset()
     #: Test-only: each saga step sleeps this long first (shows the steps run in parallel).
     step_delay_seconds: float = 0.0
     #: Log level name for every process.
@@ -93,15 +116,38 @@ class Settings:
     #: ... on this address (loopback unless told otherwise).
     worker_metrics_bind: str = "127.0.0.1"
 
+    def queue(self, lane: names.Lane) -> str:
+        """The queue of a lane."""
+        return {
+            names.Lane.SAGA: self.saga_queue,
+            names.Lane.DEFAULT: self.default_queue,
+            names.Lane.BATCH: self.batch_queue,
+        }[lane]
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every lane's queue."""
+        return (self.saga_queue, self.default_queue, self.batch_queue)
+
     def __post_init__(self) -> None:
         """Refuse settings that are malformed or unsafe for the environment."""
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.env!r}")
+        if self.retry_backoff_max_seconds >= self.visibility_timeout:
+            raise ConfigError("RETRY_BACKOFF_MAX_SECONDS must be below VISIBILITY_TIMEOUT")
         if self.task_time_limit >= self.visibility_timeout:
             raise ConfigError("TASK_TIME_LIMIT must be below VISIBILITY_TIMEOUT")
-        for name in ("max_body_bytes", "max_order_lines", "max_line_quantity", "max_redeliveries"):
+        for name in (
+            "max_body_bytes",
+            "max_order_lines",
+            "max_line_quantity",
+            "max_redeliveries",
+            "credit_check_chunk_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
+        if len(set(self.queues)) != len(self.queues):
+            raise ConfigError("SAGA_LANE, DEFAULT_LANE and BATCH_LANE must be distinct queues")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.env == "production":
@@ -109,6 +155,8 @@ class Settings:
                 raise ConfigError("API_KEYS must be set in production")
             if self.step_delay_seconds:
                 raise ConfigError("SAGA_STEP_DELAY_SECONDS is a test setting; not in production")
+            if self.test_tasks:
+                raise ConfigError("TEST_TASKS is a test setting; not in production")
 
 
 def _number(environ: Mapping[str, str], name: str, kind: type[_N], default: _N) -> _N:
@@ -146,6 +194,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_pool=POOL_PRESETS[preset],
         broker_url=broker_url,
         result_backend_url=env.get("RESULT_BACKEND_URL") or _backend_url_from(broker_url),
+        saga_queue=env.get("SAGA_LANE") or d.saga_queue,
+        default_queue=env.get("DEFAULT_LANE") or d.default_queue,
+        batch_queue=env.get("BATCH_LANE") or d.batch_queue,
         api_keys=frozenset(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
         max_body_bytes=_number(env, "MAX_BODY_BYTES", int, d.max_body_bytes),
         max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
@@ -159,6 +210,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "COMPENSATION_RETRY_SECONDS", float, d.compensation_retry_seconds
         ),
         max_redeliveries=_number(env, "MAX_REDELIVERIES", int, d.max_redeliveries),
+        task_max_retries=_number(env, "TASK_MAX_RETRIES", int, d.task_max_retries),
+        retry_backoff_seconds=_number(env, "RETRY_BACKOFF_SECONDS", float, d.retry_backoff_seconds),
+        retry_backoff_max_seconds=_number(
+            env, "RETRY_BACKOFF_MAX_SECONDS", float, d.retry_backoff_max_seconds
+        ),
         outbox_grace_seconds=_number(env, "OUTBOX_GRACE_SECONDS", float, d.outbox_grace_seconds),
         relay_interval_seconds=_number(
             env, "RELAY_INTERVAL_SECONDS", float, d.relay_interval_seconds
@@ -170,6 +226,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         step_delay_seconds=_number(env, "SAGA_STEP_DELAY_SECONDS", float, d.step_delay_seconds),
         bench_tasks=env.get("BENCH_TASKS", "") == "1",
+        test_tasks=env.get("TEST_TASKS", "") == "1",
+        credit_check_cron=env.get("CREDIT_CHECK_CRON") or d.credit_check_cron,
+        credit_check_every_seconds=_number(
+            env, "CREDIT_CHECK_EVERY_SECONDS", float, d.credit_check_every_seconds
+        ),
+        credit_check_chunk_size=_number(
+            env, "CREDIT_CHECK_CHUNK_SIZE", int, d.credit_check_chunk_size
+        ),
+        admin_api_keys=frozenset(
+            k.strip() for k in env.get("ADMIN_API_KEYS", "").split(",") if k.strip()
+        ),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
         log_format=env.get("LOG_FORMAT", d.log_format).lower(),
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),

@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, pool
 from config.settings import load_settings
 from orders.tables import metadata as orders_metadata
 from sagas.tables import metadata as sagas_metadata
+from workers.tables import metadata as workers_metadata
 
 if context.config.config_file_name is not None and context.config.attributes.get(
     "configure_logger", True
@@ -17,7 +18,7 @@ if context.config.config_file_name is not None and context.config.attributes.get
     fileConfig(context.config.config_file_name)
 
 #: Every table of the system, for autogenerate and the drift test.
-target_metadata = [orders_metadata, sagas_metadata]
+target_metadata = [orders_metadata, sagas_metadata, workers_metadata]
 
 
 def database_url() -> str:

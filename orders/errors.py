@@ -35,3 +35,7 @@ class OrderNotFoundError(OrderError):
 
 class InvalidTransitionError(OrderError):
     """The order's current status does not allow the requested change."""
+
+
+class OperationRefusedError(OrderError):
+    """An operator's request that cannot be done now (replaying a purged letter...)."""

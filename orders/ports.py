@@ -61,3 +61,34 @@ class TimelineSource(Protocol):
 
     def timeline(self, order_id: UUID) -> SagaTimeline | None:
         """The timeline, or None if there is no such order."""
+
+
+class Operations(Protocol):
+    """What operators may do through the API: the dead-letter queue and batch runs.
+    Results are JSON-ready; a refused operation raises OperationRefusedError."""
+
+    def dead_letters(
+        self,
+        *,
+        task: str | None,
+        error: str | None,
+        older_than_seconds: float | None,
+        state: str,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Letters matching the filter, most recent first."""
+
+    def dead_letter(self, letter_id: int) -> dict[str, Any] | None:
+        """One letter in full, or None."""
+
+    def replay(self, letter_ids: list[int]) -> dict[int, str]:
+        """Run letters again; each letter's new task id."""
+
+    def purge(self, letter_ids: list[int]) -> int:
+        """Mark letters purged; how many were."""
+
+    def start_credit_check(self) -> str:
+        """Start a credit check run now; its id."""
+
+    def batch_run(self, run_id: UUID) -> dict[str, Any] | None:
+        """A batch run's progress, or None."""

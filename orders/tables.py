@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -45,7 +46,9 @@ customers = Table(
     CheckConstraint("credit_limit >= 0", name="limit_not_negative"),
     CheckConstraint("credit_used >= 0", name="used_not_negative"),
     CheckConstraint("credit_reserved >= 0", name="reserved_not_negative"),
-    CheckConstraint("credit_used + credit_reserved <= credit_limit", name="within_limit"),
+    # No CHECK of used + reserved against the limit: a limit may be lowered below what a
+    # customer already uses (the batch credit review flags them). That no reservation
+    # passes the limit is decided by the conditional UPDATE in orders.credit.
 )
 
 products = Table(
@@ -125,5 +128,31 @@ idempotency_keys = Table(
     # The key is claimed before the order row is written, in the same transaction.
     ForeignKeyConstraint(
         ["order_id"], ["orders.id"], ondelete="CASCADE", deferrable=True, initially="DEFERRED"
+    ),
+)
+
+#: Each customer's latest credit review (the batch credit check): the figures it saw,
+#: and the flags it raised.
+credit_reviews = Table(
+    "credit_reviews",
+    metadata,
+    Column(
+        "customer_id", String(64), ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("run_id", Uuid, nullable=False),
+    Column("credit_limit", Money, nullable=False),
+    Column("credit_used", Money, nullable=False),
+    Column("credit_reserved", Money, nullable=False),
+    Column("available", Money, nullable=False),
+    #: Used and reserved together pass the limit.
+    Column("over_limit", Boolean, nullable=False),
+    #: The figures disagree with the orders (why, in ``findings``).
+    Column("inconsistent", Boolean, nullable=False),
+    Column("findings", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("reviewed_at", DateTime(timezone=True), nullable=False),
+    Index(
+        "ix_credit_reviews_flagged",
+        "customer_id",
+        postgresql_where=text("over_limit OR inconsistent"),
     ),
 )

@@ -46,7 +46,6 @@ def dispatch_saga(
     body = app.signature(
         definition.complete_task,
         args=(str(saga_id),),
-        queue=definition.queue,
         ignore_result=True,
     )
     body.freeze(complete_task_id(saga_id), group_id=group_id)
@@ -57,7 +56,6 @@ def dispatch_saga(
                 step.task,
                 args=(str(saga_id), dict(payload)),
                 task_id=step_task_id(saga_id, step.name),
-                queue=definition.queue,
                 chord=body,
                 group_id=group_id,
                 group_index=index,

@@ -1,4 +1,7 @@
-"""Saga definitions: which steps run in parallel, by which task names. Pure data."""
+"""Saga definitions: which steps run in parallel, by which task names. Pure data.
+
+Where the tasks travel is the routes' business (config.names), not the definition's.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +24,6 @@ class SagaDefinition:
     steps: tuple[Step, ...]
     #: The task that confirms or compensates once every step has an outcome.
     complete_task: str
-    #: The queue every task of this saga goes to.
-    queue: str
 
     def __post_init__(self) -> None:
         """Refuse a definition with no step or a step named twice."""

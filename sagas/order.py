@@ -25,7 +25,6 @@ ORDER_SAGA = SagaDefinition(
         Step(RESERVE_CREDIT, names.RESERVE_CREDIT),
     ),
     complete_task=names.COMPLETE_ORDER,
-    queue=names.SAGA_QUEUE,
 )
 
 

@@ -34,6 +34,7 @@ def _secrets() -> dict[str, str]:
     made = {
         "redis_password": secrets.token_urlsafe(24),
         "api_key": secrets.token_urlsafe(24),
+        "admin_key": secrets.token_urlsafe(24),
         "flower_password": secrets.token_urlsafe(12),
     }
     path.write_text(json.dumps(made))
@@ -53,9 +54,10 @@ def main() -> int:
         "DATABASE_URL": pg.url(),
         "REDIS_URL": redis.url(0),
         "API_KEYS": keys["api_key"],
+        "ADMIN_API_KEYS": keys.get("admin_key", secrets.token_urlsafe(24)),
         "API_PORT": str(api_port),
         "FLOWER_PORT": str(flower_port),
-        "WORKER_METRICS_PORT": str(metrics_port),
+        "SAGA_METRICS_PORT": str(metrics_port),
         "FLOWER_BASIC_AUTH": f"admin:{keys['flower_password']}",
         "RUN_DIR": str(RUN_DIR),
     }
@@ -76,6 +78,7 @@ def main() -> int:
         print(
             f"""
   API       http://127.0.0.1:{api_port}   (Authorization: Bearer {keys["api_key"]})
+  Admin     /admin/dead-letters, /admin/batches/credit-check   (Bearer {env["ADMIN_API_KEYS"]})
   OpenAPI   http://127.0.0.1:{api_port}/openapi.json
   Flower    http://127.0.0.1:{flower_port}   (admin / {keys["flower_password"]})
   Postgres  {pg.url()}

@@ -1,51 +1,159 @@
-"""The retry policy of every task, in one place."""
+"""The retry and dead-letter policy of every task, in one place.
+
+A transient error (the database or Redis unreachable, a dropped connection, a deadlock,
+a serialization failure) is retried with exponential backoff and jitter, capped; the
+delay grows from one attempt to the next until the cap. When the retries are used up,
+or the error is not transient, the message becomes a dead letter (workers.dlq), and the
+task fails, unless it declares a ``fallback`` result. A message that keeps crashing its
+worker is dead-lettered without running. Business refusals are return values, never
+errors, and never retry.
+"""
 
 from __future__ import annotations
 
+import logging
+import random
+import traceback as tb
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from celery import Task
-from celery.utils.time import get_exponential_backoff_interval
+from celery.exceptions import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from orders.db import TRANSIENT_DB_ERRORS
+from workers import dlq
+from workers.runtime import Runtime
 
-#: Infrastructure failures, worth another attempt: the database or Redis could not be
-#: reached, a connection dropped, a deadlock or serialization failure. Business refusals
-#: are return values and never come here; a constraint violation is not retried.
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Infrastructure failures worth another attempt. A constraint violation is a bug and
+#: is not among them.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     *TRANSIENT_DB_ERRORS,
     RedisConnectionError,
     RedisTimeoutError,
 )
-#: Attempts after the first one.
-MAX_RETRIES = 8
-#: Backoff doubles from 1 s up to this many seconds, with full jitter. It stays far
-#: below the broker's visibility timeout, so a waiting retry is never redelivered.
-RETRY_BACKOFF_MAX = 30
+#: Quick tries of one database transaction inside a task, before the task itself retries
+#: (a serialization failure or a dropped connection usually passes in milliseconds).
+QUICK_TRIES = 3
 
 
-def retry_delay(retries: int) -> int:
-    """Seconds before the next attempt: exponential from 1 s, capped, fully jittered."""
-    return int(
-        get_exponential_backoff_interval(
-            factor=1, retries=retries, maximum=RETRY_BACKOFF_MAX, full_jitter=True
-        )
-    )
+class PoisonMessageError(RuntimeError):
+    """The message was delivered more often than allowed: it crashes its worker."""
 
 
-class SagaTask(Task):  # type: ignore[misc]
-    """Base of every saga task: transient errors retry with capped, jittered backoff."""
+def retry_delay(retries: int, *, base: float, cap: float) -> float:
+    """Seconds before retry ``retries + 1``: between half and all of min(cap, base * 2^n).
 
-    autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = True
-    retry_backoff_max = RETRY_BACKOFF_MAX
-    retry_jitter = True
-    max_retries = MAX_RETRIES
+    Jitter spreads the retries of many tasks; the floor (half the step) keeps each delay
+    at least as long as the previous one's ceiling halved, so delays grow until the cap."""
+    step = min(cap, base * 2**retries)
+    return random.uniform(step / 2, step)
+
+
+def briefly_retried(action: Callable[[], T]) -> T:
+    """Run a database action, trying it again a few times within half a second when it
+    meets a transient error (tenacity); then let the error out."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+        stop=stop_after_attempt(QUICK_TRIES),
+        wait=wait_random_exponential(multiplier=0.05, max=0.5),
+        reraise=True,
+    ):
+        with attempt:
+            return action()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class PolicyTask(Task):  # type: ignore[misc]
+    """Base of every task of the system (bound to its process's runtime by ``policy``)."""
+
+    abstract = True
     acks_late = True
+    runtime: Runtime
+    #: Retries for this task (None: the settings' TASK_MAX_RETRIES).
+    retries: int | None = None
+    #: Keep a dead letter when giving up (housekeeping that runs again soon does not).
+    dead_letters: bool = True
+
+    def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
+        """The result when the task gives up; the default fails it with ``exc``."""
+        raise exc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task under the policy. (The worker's tracer has already set up the
+        request; calling ``run`` directly keeps its delivery info.)"""
+        request = self.request
+        settings = self.runtime.settings
+        if self.runtime.poisoned(request):
+            poison = PoisonMessageError(f"{self.name} crashed its worker too many times")
+            return self.give_up("poison", poison, args, kwargs)
+        try:
+            return self.run(*args, **kwargs)
+        except Retry:
+            raise
+        except TRANSIENT_ERRORS as exc:
+            allowed = settings.task_max_retries if self.retries is None else self.retries
+            if request.retries < allowed:
+                delay = retry_delay(
+                    request.retries,
+                    base=settings.retry_backoff_seconds,
+                    cap=settings.retry_backoff_max_seconds,
+                )
+                raise self.retry(exc=exc, countdown=delay) from exc
+            return self.give_up("exhausted", exc, args, kwargs)
+        except Exception as exc:
+            return self.give_up("failed", exc, args, kwargs)
+
+    def give_up(
+        self, kind: str, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Keep the message as a dead letter, then return the fallback (or fail)."""
+        request = self.request
+        attempts = request.retries + 1
+        if not self.dead_letters:
+            logger.warning(
+                "%s[%s] failed (%s); it runs again soon: %r", self.name, request.id, kind, exc
+            )
+            return self.fallback(args, kwargs, exc)
+        try:
+            dlq.record(
+                self.runtime.engine,
+                task_id=request.id,
+                task_name=self.name,
+                kind=kind,
+                error=f"{type(exc).__name__}: {exc}",
+                args=list(args),
+                kwargs=kwargs,
+                queue=(request.delivery_info or {}).get("routing_key"),
+                traceback="".join(tb.format_exception(exc)),
+                attempts=attempts,
+            )
+            logger.error(
+                "%s[%s] dead-lettered (%s after %d attempts): %r",
+                self.name,
+                request.id,
+                kind,
+                attempts,
+                exc,
+            )
+        except Exception:
+            # Nothing disappears silently: the message and its error are in the log.
+            logger.exception(
+                "%s[%s] could not be dead-lettered; args=%r kwargs=%r",
+                self.name,
+                request.id,
+                args,
+                kwargs,
+            )
+        return self.fallback(args, kwargs, exc)
 
 
-class HousekeepingTask(Task):  # type: ignore[misc]
-    """Base of periodic tasks: no retry, the next period runs them again."""
-
-    acks_late = True
-    max_retries = 0
+def policy(runtime: Runtime) -> type[PolicyTask]:
+    """The base task class of this process's tasks, bound to its runtime."""
+    return type("Task", (PolicyTask,), {"runtime": runtime, "abstract": True})

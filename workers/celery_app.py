@@ -42,6 +42,7 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
     if not publisher:
         apply_fixes()
         runtime = Runtime(settings)
+        app.orders_runtime = runtime  # for the consumer (workers.consumer)
         register_tasks(app, runtime)
         _connect_signals(app, runtime)
     return app

@@ -18,11 +18,11 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from sqlalchemy import Engine, func, select
 
-from config import names
 from config.settings import Settings
 from sagas.engine import ACTIVE_STATES
 from sagas.runner import Completion
 from sagas.tables import outbox, sagas
+from workers.tables import dead_letters
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ _PRIORITY_SEPARATOR = "\x06\x16"
 class StackCollector(Collector):
     """Figures read when Prometheus scrapes: queues, outbox, active sagas."""
 
-    def __init__(self, engine: Engine, redis: Redis) -> None:
+    def __init__(self, engine: Engine, redis: Redis, queues: tuple[str, ...]) -> None:
         self.engine = engine
         self.redis = redis
+        self.queues = queues
 
     def collect(self) -> Iterator[Metric]:
         """Read the figures now; skip those whose store does not answer."""
@@ -55,7 +56,7 @@ class StackCollector(Collector):
             "orders_queue_depth", "Messages waiting, by lane.", labels=["lane"]
         )
         try:
-            for lane in (names.SAGA_QUEUE, names.DEFAULT_QUEUE):
+            for lane in self.queues:
                 keys = [lane, *(f"{lane}{_PRIORITY_SEPARATOR}{n}" for n in (3, 6, 9))]
                 depth.add_metric([lane], sum(self.redis.llen(key) for key in keys))
             yield depth
@@ -64,6 +65,11 @@ class StackCollector(Collector):
         try:
             with self.engine.connect() as conn:
                 backlog = conn.execute(select(func.count()).select_from(outbox)).scalar_one()
+                letters = conn.execute(
+                    select(func.count())
+                    .select_from(dead_letters)
+                    .where(dead_letters.c.state == "OPEN")
+                ).scalar_one()
                 active = conn.execute(
                     select(sagas.c.state, func.count())
                     .where(sagas.c.state.in_([s.value for s in ACTIVE_STATES]))
@@ -74,6 +80,9 @@ class StackCollector(Collector):
             return
         yield GaugeMetricFamily(
             "orders_outbox_backlog", "Sagas not yet handed to the broker.", value=backlog
+        )
+        yield GaugeMetricFamily(
+            "orders_dead_letters_open", "Dead letters waiting for an operator.", value=letters
         )
         running = GaugeMetricFamily(
             "orders_sagas_active", "Sagas not final, by state.", labels=["state"]
@@ -88,7 +97,8 @@ def serve(settings: Settings, engine: Engine) -> None:
     """Serve the metrics of every pool child, and the stack's figures, over HTTP."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(StackCollector(engine, Redis.from_url(settings.broker_url, socket_timeout=1)))
+    redis = Redis.from_url(settings.broker_url, socket_timeout=1)
+    registry.register(StackCollector(engine, redis, settings.queues))
     start_http_server(
         settings.worker_metrics_port, addr=settings.worker_metrics_bind, registry=registry
     )

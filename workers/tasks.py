@@ -1,7 +1,7 @@
 """The tasks: thin wrappers that parse primitives and call one function of ``sagas``.
 
-A saga step never fails its chord when it can help it: an error that outlived its
-retries, or an unexpected one, is recorded as the step's outcome (ABORTED), so the
+The retry and dead-letter policy is the base class's (workers.base). A saga step never
+fails its chord when it can help it: when it gives up, it records itself ABORTED, so the
 chord's completion still runs and compensates. Only when even that cannot be written
 (the database is down) does the step fail; the deadline sweeper then finishes the saga.
 """
@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from celery import Celery, Task
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import names
+from config.schedules import window_key
 from sagas import runner
 from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
 from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.recovery import sweep_overdue
-from workers.base import TRANSIENT_ERRORS, HousekeepingTask, SagaTask, retry_delay
+from workers import batch
+from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
 from workers.metrics import STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
@@ -35,31 +37,31 @@ POISON_MESSAGE = "poison_message"
 
 def register_tasks(app: Celery, runtime: Runtime) -> None:
     """Register every task of the system on ``app``, by the names in ``config.names``."""
+    base = policy(runtime)
     for step in ORDER_SAGA.steps:
-        app.task(name=step.task, base=SagaTask, bind=True)(_step_task(runtime, step.name))
+        _register_step(app, runtime, base, step.name, step.task)
     sagas = {ORDER_SAGA.name: runtime.order_saga}
 
-    @app.task(name=names.COMPLETE_ORDER, base=SagaTask, bind=True)
-    def complete_order(self: Task, results: list[dict[str, Any]], saga_id: str) -> None:
+    @app.task(name=names.COMPLETE_ORDER, base=base)
+    def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
         """Chord body: confirm the order, or compensate and cancel it (from the ledger)."""
-        if runtime.poisoned(self.request):
-            logger.error("saga %s: completion keeps crashing workers; left to the sweeper", saga_id)
-            return
-        done = runner.complete(
-            runtime.engine,
-            runtime.order_saga,
-            UUID(saga_id),
-            retry_after=runtime.recovery.compensation_retry,
+        done = briefly_retried(
+            lambda: runner.complete(
+                runtime.engine,
+                runtime.order_saga,
+                UUID(saga_id),
+                retry_after=runtime.recovery.compensation_retry,
+            )
         )
         record_completion(done)
 
-    @app.task(name=names.RELAY_OUTBOX, base=HousekeepingTask)
+    @app.task(name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
     def relay() -> int:
         """Dispatch the sagas whose fast-path dispatch did not happen."""
         grace = timedelta(seconds=runtime.settings.outbox_grace_seconds)
         return relay_outbox(runtime.engine, app, DEFINITIONS, grace=grace)
 
-    @app.task(name=names.SWEEP_SAGAS, base=HousekeepingTask)
+    @app.task(name=names.SWEEP_SAGAS, base=base, retries=0, dead_letters=False)
     def sweep() -> dict[str, int]:
         """Redrive or finish the sagas past their deadline."""
         report = sweep_overdue(
@@ -67,51 +69,109 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         )
         return vars(report)
 
+    _register_batch_tasks(app, runtime, base)
+    if runtime.settings.test_tasks:
+        _register_test_tasks(app, runtime, base)
     if runtime.settings.bench_tasks:
-        _register_bench_tasks(app, runtime)
+        _register_bench_tasks(app, runtime, base)
 
 
-def _register_bench_tasks(app: Celery, runtime: Runtime) -> None:
-    """The bare chord the benchmark compares the saga with: no-op members, and a body
-    that only notes when it ran."""
+def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
+    """The batch credit check: a start per schedule tick, and its chunks."""
 
-    @app.task(name=names.BENCH_NOOP, base=SagaTask)
-    def noop(chord_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return {"step": "noop", "status": "APPLIED", "reason": None}
+    @app.task(name=names.START_CREDIT_CHECK, base=base)
+    def start_credit_check(window: str | None = None) -> str | None:
+        """Start the run of this schedule tick (nothing if another beat did)."""
+        key = window or window_key(runtime.settings)
+        run_id = batch.start_run(runtime.engine, app, runtime.settings, window=key)
+        return str(run_id) if run_id else None
 
-    @app.task(name=names.BENCH_NOOP_DONE, base=SagaTask)
-    def noop_done(results: list[dict[str, Any]], chord_id: str) -> None:
-        runtime.redis.rpush("bench:done", f"{chord_id} {time.time()}")
+    class ChunkTask(base):  # type: ignore[valid-type,misc]
+        abstract = True
+
+        def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
+            run_id, number, customer_ids = args
+            briefly_retried(
+                lambda: batch.fail_chunk(runtime.engine, UUID(run_id), number, len(customer_ids))
+            )
+            return None
+
+    @app.task(name=names.CREDIT_CHECK_CHUNK, base=ChunkTask)
+    def credit_check_chunk(run_id: str, number: int, customer_ids: list[str]) -> int:
+        """Review one chunk of customers."""
+        return briefly_retried(
+            lambda: batch.run_chunk(runtime.engine, UUID(run_id), number, customer_ids)
+        )
 
 
-def _step_task(runtime: Runtime, step: str) -> Callable[..., dict[str, Any]]:
+def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
+    """Test only (TEST_TASKS=1, refused in production)."""
+
+    @app.task(name=names.TEST_FLAKY, base=base)
+    def flaky(key: str) -> str:
+        """Fails with a transient error while Redis holds ``testing:<key>:broken``;
+        records the time of every attempt."""
+        runtime.redis.rpush(f"testing:{key}:attempts", time.time())
+        if runtime.redis.exists(f"testing:{key}:broken"):
+            raise RedisConnectionError(f"testing: {key} is broken")
+        runtime.redis.set(f"testing:{key}:done", "1")
+        return "done"
+
+    @app.task(name=names.TEST_BATCH_NOOP, base=base)
+    def batch_noop() -> None:
+        """Stands for a small piece of batch work: 5 ms of CPU."""
+        until = time.process_time() + 0.005
+        while time.process_time() < until:
+            pass
+
+
+def _register_step(
+    app: Celery, runtime: Runtime, base: type[PolicyTask], step: str, name: str
+) -> None:
+    """A chord header task: one saga step, taking effect once per saga. When it gives up
+    (retries used up, an unexpected error, a poison message) it records the step as
+    aborted and returns that outcome, so the chord's completion still compensates."""
+
+    class StepTask(base):  # type: ignore[valid-type,misc]
+        abstract = True
+
+        def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
+            reason = POISON_MESSAGE if isinstance(exc, PoisonMessageError) else STEP_FAILED
+            saga_id = UUID(args[0])
+            outcome = briefly_retried(
+                lambda: runner.abort_step(runtime.engine, saga_id, step, reason)
+            )
+            return outcome.to_message()
+
     def run_step(self: Task, saga_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        saga = UUID(saga_id)
-        if runtime.poisoned(self.request):
-            logger.error("saga %s step %s keeps crashing workers: aborted", saga_id, step)
-            return runner.abort_step(runtime.engine, saga, step, POISON_MESSAGE).to_message()
         started = time.perf_counter()
-        try:
-            outcome = runner.run_step(
+        outcome = briefly_retried(
+            lambda: runner.run_step(
                 runtime.engine,
                 runtime.order_saga,
-                saga,
+                UUID(saga_id),
                 step,
                 payload,
                 attempt=self.request.retries + 1,
                 delay=runtime.settings.step_delay_seconds,
             )
-        except TRANSIENT_ERRORS as exc:
-            if self.request.retries < self.max_retries:
-                raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
-            logger.error("saga %s step %s: retries exhausted: %r", saga_id, step, exc)
-            outcome = runner.abort_step(runtime.engine, saga, step, STEP_FAILED)
-        except Exception:
-            logger.exception("saga %s step %s failed", saga_id, step)
-            outcome = runner.abort_step(runtime.engine, saga, step, STEP_FAILED)
+        )
         STEP_DURATION.labels(step).observe(time.perf_counter() - started)
         return outcome.to_message()
 
     run_step.__name__ = run_step.__qualname__ = step
     run_step.__doc__ = f"Chord header: the saga step {step!r}, once per saga."
-    return run_step
+    app.task(name=name, base=StepTask, bind=True)(run_step)
+
+
+def _register_bench_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
+    """The bare chord the benchmark compares the saga with: no-op members, and a body
+    that only notes when it ran."""
+
+    @app.task(name=names.BENCH_NOOP, base=base)
+    def noop(chord_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"step": "noop", "status": "APPLIED", "reason": None}
+
+    @app.task(name=names.BENCH_NOOP_DONE, base=base)
+    def noop_done(results: list[dict[str, Any]], chord_id: str) -> None:
+        runtime.redis.rpush("bench:done", f"{chord_id} {time.time()}")

@@ -1,7 +1,8 @@
 """Entry point of the API process: ``gunicorn 'workers.web:create_app()'``.
 
-Composes the HTTP API (``orders.api``) with the saga launcher (``sagas.launch``) that
-publishes chords through a publisher-only Celery app."""
+Composes the HTTP API (``orders.api``) with its ports: the saga launcher
+(``sagas.launch``, publishing chords through a publisher-only Celery app), the saga
+timeline (``sagas.timeline``) and the operators' tools (``workers.admin``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from config.settings import load_settings
 from orders import api
 from orders.db import make_engine
 from sagas.launch import ChordLauncher
-from sagas.order import ORDER_SAGA
+from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.timeline import SqlTimeline
+from workers.admin import Operations
 from workers.celery_app import create_celery
 
 
@@ -27,4 +29,11 @@ def create_app() -> Flask:
     publisher = create_celery(settings, publisher=True)
     deadline = timedelta(seconds=settings.saga_deadline_seconds)
     launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
-    return api.create_app(settings, starter=launcher, engine=engine, timeline=SqlTimeline(engine))
+    operations = Operations(engine, publisher, settings, DEFINITIONS)
+    return api.create_app(
+        settings,
+        starter=launcher,
+        engine=engine,
+        timeline=SqlTimeline(engine),
+        operations=operations,
+    )

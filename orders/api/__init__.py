@@ -8,6 +8,7 @@ from sqlalchemy import Engine, text
 
 from config.logs import clear_log_context
 from config.settings import Settings, load_settings
+from orders.api.admin import admin_blueprint
 from orders.api.health import health_blueprint
 from orders.api.metrics import instrument
 from orders.api.openapi import openapi_document
@@ -15,7 +16,7 @@ from orders.api.problems import register_error_handlers
 from orders.api.routes import orders_blueprint
 from orders.api.timeline import timeline_blueprint
 from orders.db import make_engine
-from orders.ports import SagaStarter, TimelineSource
+from orders.ports import Operations, SagaStarter, TimelineSource
 
 #: Seconds a readiness probe waits for the database or Redis.
 READY_TIMEOUT = 0.5
@@ -27,9 +28,11 @@ def create_app(
     starter: SagaStarter,
     engine: Engine | None = None,
     timeline: TimelineSource | None = None,
+    operations: Operations | None = None,
 ) -> Flask:
     """Build the API. ``starter`` dispatches sagas; ``timeline`` (optional) reads saga
-    timelines; ``engine`` defaults to a new one."""
+    timelines; ``operations`` (optional) serves the operators' endpoints; ``engine``
+    defaults to a new one."""
     settings = settings or load_settings()
     engine = engine or make_engine(settings, application_name="orders-api")
     app = Flask(__name__)
@@ -59,6 +62,8 @@ def create_app(
     app.register_blueprint(orders_blueprint(settings, engine, starter))
     if timeline is not None:
         app.register_blueprint(timeline_blueprint(settings, timeline))
+    if operations is not None:
+        app.register_blueprint(admin_blueprint(settings, operations))
     spec = json.dumps(openapi_document())
 
     @app.get("/openapi.json")

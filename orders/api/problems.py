@@ -10,7 +10,12 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from orders.db import TRANSIENT_DB_ERRORS
-from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, OrderNotFoundError
+from orders.errors import (
+    IdempotencyKeyReusedError,
+    InvalidOrderError,
+    OperationRefusedError,
+    OrderNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(IdempotencyKeyReusedError)
     def key_reused(exc: IdempotencyKeyReusedError) -> Response:
         return problem(422, "Idempotency-Key reused", str(exc))
+
+    @app.errorhandler(OperationRefusedError)
+    def refused(exc: OperationRefusedError) -> Response:
+        return problem(409, "Conflict", str(exc))
 
     @app.errorhandler(OrderNotFoundError)
     def not_found(exc: OrderNotFoundError) -> Response:

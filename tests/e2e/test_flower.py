@@ -59,7 +59,7 @@ def test_flower_shows_the_workers_and_a_finished_sagas_tasks(
             f"{base}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=10
         ).json(),
     )
-    assert any(name.startswith(f"node1-{flowered.api_port}@") for name in workers)
+    assert any(name.startswith(f"worker-{flowered.api_port}@") for name in workers)
 
     def saga_tasks() -> dict[str, Any] | None:
         tasks = httpx.get(f"{base}/api/tasks", auth=AUTH, timeout=10).json()

@@ -97,6 +97,7 @@ def test_the_api_and_the_workers_expose_metrics_that_move_with_a_saga(
         assert page[("orders_saga_step_duration_seconds_count", (("step", step),))] >= 1
     assert ("orders_queue_depth", (("lane", "saga.high"),)) in page
     assert ("orders_outbox_backlog", ()) in page
+    assert ("orders_dead_letters_open", ()) in page
     assert ("orders_sagas_active", (("state", "RUNNING"),)) in page
 
 

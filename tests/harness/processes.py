@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,6 +107,19 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker node: its name, the queues it serves, its pool, its CPU priority."""
+
+    name: str
+    queues: str
+    concurrency: int = 2
+    nice: int = 0
+
+
+ALL_LANES = "saga.high,default,batch.low"
+
+
 @dataclass
 class Stack:
     """The API under gunicorn, a saga worker and (optionally) beat, on the settings."""
@@ -114,8 +128,10 @@ class Stack:
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_concurrency: int = 2
-    #: Worker nodes: "worker", then "worker-2", "worker-3"...
+    #: Worker nodes serving every lane: "worker", then "worker-2", "worker-3"...
     workers: int = 1
+    #: Or exactly these worker nodes (one per lane, as the Procfile runs them).
+    worker_specs: list[WorkerSpec] | None = None
     #: Run workers with -E (task events, as Flower needs and the Procfile does).
     worker_events: bool = False
     beat: bool = False
@@ -155,19 +171,26 @@ class Stack:
             # Each process tree keeps its metrics apart, under the stack's directory.
             metrics = str(self.log_dir / f"metrics-{name}")
             own_env = {**env, "PROMETHEUS_MULTIPROC_DIR": metrics, **extra}
-            return Service(
-                name, [str(BIN / command.split()[0]), *command.split()[1:]], own_env, self.log_dir
-            )
+            program, *arguments = command.split()
+            local = BIN / program
+            executable = str(local) if local.exists() else shutil.which(program) or program
+            arguments = [str(BIN / a) if a == "celery" else a for a in arguments]
+            return Service(name, [executable, *arguments], own_env, self.log_dir)
 
         events = " -E" if self.worker_events or self.flower_auth else ""
+        specs = self.worker_specs or [
+            WorkerSpec("worker" if n == 1 else f"worker-{n}", ALL_LANES, self.worker_concurrency)
+            for n in range(1, self.workers + 1)
+        ]
         workers = [
             service(
-                "worker" if n == 1 else f"worker-{n}",
-                f"celery -A workers.app worker -P prefork -c {self.worker_concurrency} "
-                f"-Q saga.high,default -n node{n}-{self.api_port}@%h --without-mingle "
+                spec.name,
+                (f"nice -n {spec.nice} " if spec.nice else "")
+                + f"celery -A workers.app worker -P prefork -c {spec.concurrency} "
+                f"-Q {spec.queues} -n {spec.name}-{self.api_port}@%h --without-mingle "
                 f"--without-gossip -l INFO{events}",
             )
-            for n in range(1, self.workers + 1)
+            for spec in specs
         ]
         web = service(
             "web",
@@ -208,9 +231,7 @@ class Stack:
         from workers.celery_app import create_celery
 
         app = create_celery(self.settings, publisher=True)
-        names = {
-            f"node{n}-{self.api_port}@{socket.gethostname()}" for n in range(1, len(workers) + 1)
-        }
+        names = {f"{worker.name}-{self.api_port}@{socket.gethostname()}" for worker in workers}
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from orders.tables import metadata as orders_metadata
 from sagas.tables import metadata as sagas_metadata
 from tests.conftest import ROOT, Servers, migrate
+from workers.tables import metadata as workers_metadata
 
 DATABASE = "orders_migrations"
 
@@ -43,7 +44,7 @@ def test_migrations_match_the_declared_tables(fresh: Engine) -> None:
     migrate(fresh.url.render_as_string(hide_password=False))
     with fresh.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        drift = compare_metadata(context, [orders_metadata, sagas_metadata])
+        drift = compare_metadata(context, [orders_metadata, sagas_metadata, workers_metadata])
     assert drift == []
 
 
@@ -51,7 +52,7 @@ def test_migrations_name_every_constraint_as_the_tables_do(fresh: Engine) -> Non
     migrate(fresh.url.render_as_string(hide_password=False))
     declared = {
         str(constraint.name)
-        for metadata in (orders_metadata, sagas_metadata)
+        for metadata in (orders_metadata, sagas_metadata, workers_metadata)
         for table in metadata.tables.values()
         for constraint in table.constraints
     }

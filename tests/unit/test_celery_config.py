@@ -6,7 +6,7 @@ from config import names
 from config.celeryconf import celery_config
 from config.settings import Settings
 from sagas.order import ORDER_SAGA
-from workers.base import RETRY_BACKOFF_MAX, TRANSIENT_ERRORS
+from workers.base import TRANSIENT_ERRORS, retry_delay
 
 CONFIG = celery_config(Settings(visibility_timeout=300, task_time_limit=60))
 
@@ -28,14 +28,20 @@ def test_every_wait_stays_below_the_visibility_timeout() -> None:
     vt = CONFIG["broker_transport_options"]["visibility_timeout"]
     assert vt == CONFIG["result_backend_transport_options"]["visibility_timeout"] == 300
     assert CONFIG["task_time_limit"] < vt
-    assert vt > RETRY_BACKOFF_MAX
+    assert vt > Settings().retry_backoff_max_seconds
 
 
 def test_routes_every_saga_task_to_the_saga_lane() -> None:
     routes = CONFIG["task_routes"]
     for task in [step.task for step in ORDER_SAGA.steps] + [ORDER_SAGA.complete_task]:
-        assert routes[task] == {"queue": names.SAGA_QUEUE}
-    assert ORDER_SAGA.queue == names.SAGA_QUEUE
+        assert routes[task] == {"queue": "saga.high"}
+    assert CONFIG["task_default_queue"] == "default"
+
+
+def test_lanes_take_the_queue_names_the_settings_give() -> None:
+    config = celery_config(Settings(saga_queue="orders.fast", batch_queue="orders.slow"))
+    assert {q.name for q in config["task_queues"]} == {"orders.fast", "default", "orders.slow"}
+    assert config["task_routes"][names.RESERVE_STOCK] == {"queue": "orders.fast"}
 
 
 def test_stores_no_task_results_by_default() -> None:
@@ -46,3 +52,16 @@ def test_retries_infrastructure_errors_only() -> None:
     from sqlalchemy.exc import IntegrityError
 
     assert not any(issubclass(IntegrityError, kind) for kind in TRANSIENT_ERRORS)
+
+
+def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
+    for _ in range(200):
+        delays = [retry_delay(n, base=1.0, cap=30.0) for n in range(8)]
+        assert all(0.5 <= d <= 30.0 for d in delays)
+        # Below the cap (1, 2, 4, 8, 16 s) each delay is at least the one before it.
+        assert delays[:5] == sorted(delays[:5])
+        assert delays[-1] >= 15.0
+
+
+def test_the_consumer_keeps_what_it_cannot_run_as_dead_letters() -> None:
+    assert CONFIG["worker_consumer"] == "workers.consumer:DeadLetteringConsumer"

@@ -11,7 +11,6 @@ SAGA = SagaDefinition(
     name="order",
     steps=(Step("reserve_stock", "t.stock"), Step("reserve_credit", "t.credit")),
     complete_task="t.complete",
-    queue="q",
 )
 APPLIED = StepStatus.APPLIED
 REFUSED = StepStatus.REFUSED
@@ -70,9 +69,9 @@ def test_refuses_to_decide_twice() -> None:
 
 def test_a_definition_needs_distinct_steps() -> None:
     with pytest.raises(ValueError, match="distinct"):
-        SagaDefinition("x", (Step("a", "t"), Step("a", "u")), "c", "q")
+        SagaDefinition("x", (Step("a", "t"), Step("a", "u")), "c")
     with pytest.raises(ValueError, match="distinct"):
-        SagaDefinition("x", (), "c", "q")
+        SagaDefinition("x", (), "c")
 
 
 def test_an_outcome_travels_as_plain_json() -> None:

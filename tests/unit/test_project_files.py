@@ -41,12 +41,22 @@ def test_compose_file_is_valid_against_the_compose_specification() -> None:
 
 def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "web", "worker", "beat", "flower"}
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "web",
+        "worker-saga",
+        "worker-default",
+        "worker-batch",
+        "beat",
+        "flower",
+    }
     for store in ("postgres", "redis"):
         assert services[store]["healthcheck"]["test"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("web", "worker", "beat", "flower"):
+    for name in ("web", "worker-saga", "worker-default", "worker-batch", "beat", "flower"):
         deps = services[name]["depends_on"]
         assert deps["postgres"]["condition"] == deps["redis"]["condition"] == "service_healthy"
         assert deps["migrate"]["condition"] == "service_completed_successfully"
@@ -56,18 +66,20 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
 
 def test_compose_sets_only_variables_the_code_reads() -> None:
     known = settings_variables() | PROCESS_VARIABLES
-    for name in ("web", "worker", "beat", "flower", "migrate"):
+    for name in ("web", "worker-saga", "worker-default", "beat", "flower", "migrate"):
         assert set(compose()["services"][name]["environment"]) <= known, name
 
 
-def test_procfile_runs_the_api_the_saga_worker_beat_and_flower() -> None:
+def test_procfile_runs_the_api_a_worker_per_lane_beat_and_flower() -> None:
     lines = dict(
         line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
     )
-    assert set(lines) == {"web", "worker", "beat", "flower"}
+    assert set(lines) == {"web", "worker_saga", "worker_default", "worker_batch", "beat", "flower"}
     assert "'workers.web:create_app()'" in lines["web"]
-    assert "-Q saga.high" in lines["worker"]
-    for name in ("worker", "beat", "flower"):
+    assert "-Q ${SAGA_LANE:-saga.high}" in lines["worker_saga"]
+    assert "-Q ${DEFAULT_LANE:-default}" in lines["worker_default"]
+    assert "nice -n 10 celery" in lines["worker_batch"]  # batch yields the CPU
+    for name in ("worker_saga", "worker_default", "worker_batch", "beat", "flower"):
         assert "celery -A workers.app" in lines[name]
     assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in lines["flower"]
     assert "--basic-auth" in lines["flower"]

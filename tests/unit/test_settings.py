@@ -41,6 +41,8 @@ def test_reads_the_environment() -> None:
         ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
         ({"DB_POOL": "huge"}, "DB_POOL"),
         ({"TASK_TIME_LIMIT": "400", "VISIBILITY_TIMEOUT": "300"}, "TASK_TIME_LIMIT"),
+        ({"RETRY_BACKOFF_MAX_SECONDS": "600"}, "RETRY_BACKOFF_MAX_SECONDS"),
+        ({"SAGA_LANE": "default"}, "distinct"),
         ({"APP_ENV": "production"}, "API_KEYS"),
         (
             {"APP_ENV": "production", "API_KEYS": "k", "SAGA_STEP_DELAY_SECONDS": "1"},

@@ -1,0 +1,104 @@
+"""Operators' endpoints: the dead-letter queue and batch runs (ADMIN_API_KEYS only)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from flask import Blueprint, Response, request
+from pydantic import BaseModel, ConfigDict, Field
+from werkzeug.exceptions import BadRequest, NotFound
+
+from config.settings import Settings
+from orders.api.auth import require_api_key
+from orders.ports import Operations
+
+
+class LetterIds(BaseModel):
+    """The letters an operation applies to."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ids: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=1000)]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def _body(model: type[BaseModel]) -> Any:
+    if request.mimetype != "application/json":
+        raise BadRequest("send application/json")
+    try:
+        data = json.loads(request.get_data(cache=False) or b"null")
+    except ValueError:
+        raise BadRequest("the body is not valid JSON") from None
+    return model.model_validate(data)
+
+
+def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
+    """``/admin/...`` and ``/batches/<id>``, behind an operator's key."""
+    bp = Blueprint("admin", __name__)
+
+    @bp.before_request
+    def authenticate() -> None:
+        require_api_key(settings.admin_api_keys)
+
+    @bp.get("/admin/dead-letters")
+    def list_dead_letters() -> Response:
+        args = request.args
+        state: Literal["open", "replayed", "purged"] = args.get("state", "open")  # type: ignore[assignment]
+        if state not in ("open", "replayed", "purged"):
+            raise BadRequest("state is open, replayed or purged")
+        try:
+            older = float(args["older_than_seconds"]) if "older_than_seconds" in args else None
+            limit = min(1000, int(args.get("limit", 100)))
+        except ValueError:
+            raise BadRequest("older_than_seconds and limit are numbers") from None
+        letters = operations.dead_letters(
+            task=args.get("task"),
+            error=args.get("error"),
+            older_than_seconds=older,
+            state=state,
+            limit=limit,
+        )
+        return _json({"dead_letters": letters})
+
+    @bp.get("/admin/dead-letters/<int:letter_id>")
+    def show_dead_letter(letter_id: int) -> Response:
+        letter = operations.dead_letter(letter_id)
+        if letter is None:
+            raise NotFound(f"no dead letter {letter_id}")
+        return _json(letter)
+
+    @bp.post("/admin/dead-letters/<int:letter_id>/replay")
+    def replay_one(letter_id: int) -> Response:
+        return _json({"replayed": operations.replay([letter_id])}, 202)
+
+    @bp.post("/admin/dead-letters/replay")
+    def replay_many() -> Response:
+        return _json({"replayed": operations.replay(_body(LetterIds).ids)}, 202)
+
+    @bp.post("/admin/dead-letters/purge")
+    def purge() -> Response:
+        return _json({"purged": operations.purge(_body(LetterIds).ids)})
+
+    @bp.post("/admin/batches/credit-check")
+    def start_credit_check() -> Response:
+        run_id = operations.start_credit_check()
+        response = _json({"run_id": run_id, "links": {"self": f"/batches/{run_id}"}}, 202)
+        response.headers["Location"] = f"/batches/{run_id}"
+        return response
+
+    @bp.get("/batches/<run_id>")
+    def batch_run(run_id: str) -> Response:
+        try:
+            found = operations.batch_run(UUID(run_id))
+        except ValueError:
+            found = None
+        if found is None:
+            raise NotFound(f"no batch run {run_id}")
+        return _json(found)
+
+    return bp

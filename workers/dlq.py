@@ -1,0 +1,328 @@
+"""The dead-letter queue, in PostgreSQL: messages that could not be processed, kept with
+their arguments, error and attempts for an operator to list, show, replay or purge.
+
+    python -m workers.dlq list [--task NAME] [--error TEXT] [--older-than 1h] [--state open]
+    python -m workers.dlq show ID
+    python -m workers.dlq replay ID [ID...]      (or: replay --all with the list filters)
+    python -m workers.dlq purge ID [ID...]
+
+Replaying sends the task again with the same arguments to the same lane; replaying a
+step of a saga dispatches the whole saga again, which resumes it (its steps are
+idempotent) or lets it be compensated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from celery import Celery
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from sagas.canvas import dispatch_saga
+from sagas.definition import SagaDefinition
+from sagas.tables import sagas
+from workers.tables import dead_letters
+
+_d = dead_letters.c
+#: Longest traceback or raw message kept.
+KEEP_CHARS = 20_000
+
+
+class DeadLetterError(Exception):
+    """An operation on a dead letter that cannot be done (unknown, not open, no args)."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead letter as operators see it."""
+
+    id: int
+    task_id: str
+    task_name: str
+    kind: str
+    args: Any
+    kwargs: Any
+    queue: str | None
+    error: str
+    traceback: str | None
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    state: str
+    replayed_task_id: str | None
+    raw: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The letter without its traceback and raw body, as JSON-ready primitives."""
+        data = asdict(self)
+        data.pop("traceback")
+        data.pop("raw")
+        for key in ("first_failed_at", "last_failed_at"):
+            data[key] = data[key].isoformat()
+        return data
+
+    def detail(self) -> dict[str, Any]:
+        """Everything about the letter."""
+        return {**self.summary(), "traceback": self.traceback, "raw": self.raw}
+
+
+def record(
+    engine: Engine,
+    *,
+    task_id: str | None,
+    task_name: str,
+    kind: str,
+    error: str,
+    args: Any = None,
+    kwargs: Any = None,
+    queue: str | None = None,
+    traceback: str | None = None,
+    attempts: int = 1,
+    raw: str | None = None,
+) -> None:
+    """Keep a message that could not be processed; a second failure of the same message
+    (task id) updates its letter."""
+    now = datetime.now(UTC)
+    values = {
+        "task_id": task_id or f"undelivered-{uuid.uuid4()}",
+        "task_name": task_name[:255],
+        "kind": kind,
+        "args": _jsonable(args),
+        "kwargs": _jsonable(kwargs),
+        "raw": raw[:KEEP_CHARS] if raw else None,
+        "queue": queue,
+        "error": error[:KEEP_CHARS],
+        "traceback": traceback[-KEEP_CHARS:] if traceback else None,
+        "attempts": attempts,
+        "first_failed_at": now,
+        "last_failed_at": now,
+    }
+    upsert = insert(dead_letters).values(values)
+    with engine.begin() as conn:
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[_d.task_id],
+                set_={
+                    "kind": upsert.excluded.kind,
+                    "error": upsert.excluded.error,
+                    "traceback": upsert.excluded.traceback,
+                    "attempts": func.greatest(_d.attempts + 1, upsert.excluded.attempts),
+                    "last_failed_at": upsert.excluded.last_failed_at,
+                    "state": "OPEN",
+                },
+            )
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return None if value is None else json.loads(json.dumps(value, default=str))
+
+
+def _letter(row: Any) -> DeadLetter:
+    return DeadLetter(
+        row.id,
+        row.task_id,
+        row.task_name,
+        row.kind,
+        row.args,
+        row.kwargs,
+        row.queue,
+        row.error,
+        row.traceback,
+        row.attempts,
+        row.first_failed_at,
+        row.last_failed_at,
+        row.state,
+        row.replayed_task_id,
+        row.raw,
+    )
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which letters an operation applies to."""
+
+    task: str | None = None
+    #: A piece of the error text (case-insensitive).
+    error: str | None = None
+    #: Only letters whose last failure is at least this old.
+    older_than: timedelta | None = None
+    state: str = "OPEN"
+    limit: int = 100
+
+
+def list_letters(engine: Engine, which: Filter = Filter()) -> list[DeadLetter]:
+    """The letters matching the filter, most recent failure first."""
+    query = select(dead_letters).where(_d.state == which.state.upper())
+    if which.task:
+        query = query.where(_d.task_name == which.task)
+    if which.error:
+        query = query.where(_d.error.ilike(f"%{_escape_like(which.error)}%", escape="\\"))
+    if which.older_than:
+        query = query.where(_d.last_failed_at <= datetime.now(UTC) - which.older_than)
+    query = query.order_by(_d.last_failed_at.desc()).limit(which.limit)
+    with engine.connect() as conn:
+        return [_letter(row) for row in conn.execute(query)]
+
+
+def _escape_like(text: str) -> str:
+    return re.sub(r"([\\%_])", r"\\\1", text)
+
+
+def show(engine: Engine, letter_id: int) -> DeadLetter:
+    """One letter; DeadLetterError if there is none with that id."""
+    with engine.connect() as conn:
+        row = conn.execute(select(dead_letters).where(_d.id == letter_id)).first()
+    if row is None:
+        raise DeadLetterError(f"no dead letter {letter_id}")
+    return _letter(row)
+
+
+def count_open(engine: Engine) -> int:
+    """How many letters wait for an operator."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(dead_letters).where(_d.state == "OPEN")
+            ).scalar_one()
+        )
+
+
+def replay(
+    engine: Engine,
+    app: Celery,
+    letter_ids: Sequence[int],
+    definitions: Mapping[str, SagaDefinition],
+) -> dict[int, str]:
+    """Run the letters' tasks again; return each letter's new task id. A saga step
+    dispatches its saga again. Letters are marked REPLAYED."""
+    step_tasks = {step.task: d for d in definitions.values() for step in d.steps}
+    replayed: dict[int, str] = {}
+    for letter_id in letter_ids:
+        with engine.begin() as conn:
+            row = conn.execute(
+                select(dead_letters).where(_d.id == letter_id).with_for_update()
+            ).first()
+            if row is None:
+                raise DeadLetterError(f"no dead letter {letter_id}")
+            if row.state != "OPEN":
+                raise DeadLetterError(f"dead letter {letter_id} is {row.state}, not OPEN")
+            if row.args is None:
+                raise DeadLetterError(f"dead letter {letter_id} has no arguments to replay")
+            if row.task_name in step_tasks:
+                new_id = _redispatch_saga(conn, app, step_tasks[row.task_name], row.args[0])
+            else:
+                new_id = str(uuid.uuid4())
+                app.send_task(
+                    row.task_name,
+                    args=row.args,
+                    kwargs=row.kwargs or {},
+                    task_id=new_id,
+                    **({"queue": row.queue} if row.queue else {}),
+                )
+            conn.execute(
+                update(dead_letters)
+                .where(_d.id == letter_id)
+                .values(state="REPLAYED", replayed_task_id=new_id, resolved_at=datetime.now(UTC))
+            )
+        replayed[letter_id] = new_id
+    return replayed
+
+
+def _redispatch_saga(conn: Any, app: Celery, definition: SagaDefinition, saga_id: str) -> str:
+    payload = conn.execute(select(sagas.c.payload).where(sagas.c.id == UUID(saga_id))).scalar()
+    if payload is None:
+        raise DeadLetterError(f"saga {saga_id} of this step does not exist")
+    dispatch_saga(app, definition, UUID(saga_id), payload)
+    return f"saga:{saga_id}"
+
+
+def purge(engine: Engine, letter_ids: Sequence[int]) -> int:
+    """Mark letters PURGED (kept for the record, no longer open); return how many."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(dead_letters)
+            .where(_d.id.in_(list(letter_ids)))
+            .where(_d.state == "OPEN")
+            .values(state="PURGED", resolved_at=datetime.now(UTC))
+        )
+    return done.rowcount
+
+
+def parse_age(text: str) -> timedelta:
+    """'90s', '15m', '2h', '3d' as a duration."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration like 15m or 2h: {text!r}")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
+    return timedelta(**{unit: int(match[1])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The operators' command line."""
+    from config.settings import load_settings
+    from orders.db import make_engine
+    from sagas.order import DEFINITIONS
+    from workers.celery_app import create_celery
+
+    parser = argparse.ArgumentParser(prog="python -m workers.dlq", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--task")
+    listing.add_argument("--error")
+    listing.add_argument("--older-than", type=parse_age)
+    listing.add_argument("--state", default="open", choices=["open", "replayed", "purged"])
+    listing.add_argument("--limit", type=int, default=100)
+    commands.add_parser("list", parents=[listing], help="list letters")
+    commands.add_parser("show", help="one letter in full").add_argument("id", type=int)
+    replay_cmd = commands.add_parser("replay", parents=[listing], help="run letters again")
+    replay_cmd.add_argument("ids", type=int, nargs="*")
+    replay_cmd.add_argument("--all", action="store_true", help="every letter the filters match")
+    commands.add_parser("purge", help="mark letters purged").add_argument(
+        "ids", type=int, nargs="+"
+    )
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    engine = make_engine(settings, application_name="orders-dlq")
+    which = Filter(
+        getattr(args, "task", None),
+        getattr(args, "error", None),
+        getattr(args, "older_than", None),
+        getattr(args, "state", "open"),
+        getattr(args, "limit", 100),
+    )
+    try:
+        if args.command == "list":
+            for letter in list_letters(engine, which):
+                print(json.dumps(letter.summary()))
+        elif args.command == "show":
+            print(json.dumps(show(engine, args.id).detail(), indent=2))
+        elif args.command == "replay":
+            ids = args.ids or (
+                [letter.id for letter in list_letters(engine, which)] if args.all else []
+            )
+            if not ids:
+                parser.error("name the letters to replay, or --all with filters")
+            app = create_celery(settings, publisher=True)
+            for letter_id, task_id in replay(engine, app, ids, DEFINITIONS).items():
+                print(f"{letter_id} replayed as {task_id}")
+        elif args.command == "purge":
+            print(f"{purge(engine, args.ids)} purged")
+    except DeadLetterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

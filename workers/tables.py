@@ -1,0 +1,98 @@
+"""The workers' tables: dead letters, batch runs."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from orders.tables import NAMING_CONVENTION
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Messages that could not be processed, kept for an operator to see, replay or purge.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    #: The message's task id: a message that dies again updates its letter.
+    Column("task_id", String(255), nullable=False, unique=True),
+    Column("task_name", String(255), nullable=False),
+    #: Why: exhausted (retries used up), failed (not a transient error), undecodable,
+    #: unknown_task, poison (kept crashing its worker).
+    Column("kind", String(32), nullable=False),
+    Column("args", JSONB),
+    Column("kwargs", JSONB),
+    #: The message as it arrived, when it could not be decoded.
+    Column("raw", Text),
+    Column("queue", String(255)),
+    Column("error", Text, nullable=False),
+    Column("traceback", Text),
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    Column("first_failed_at", DateTime(timezone=True), nullable=False),
+    Column("last_failed_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False, server_default=text("'OPEN'")),
+    Column("replayed_task_id", String(255)),
+    Column("resolved_at", DateTime(timezone=True)),
+    CheckConstraint("state IN ('OPEN', 'REPLAYED', 'PURGED')", name="known_state"),
+    CheckConstraint(
+        "kind IN ('exhausted', 'failed', 'undecodable', 'unknown_task', 'poison')",
+        name="known_kind",
+    ),
+    Index(
+        "ix_dead_letters_open",
+        "task_name",
+        "last_failed_at",
+        postgresql_where=text("state = 'OPEN'"),
+    ),
+)
+
+#: A run of a batch job (the credit check): its window, its size, its progress.
+batch_runs = Table(
+    "batch_runs",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("job", String(64), nullable=False),
+    #: The schedule tick the run belongs to: two beats starting one tick make one run.
+    Column("window_key", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("chunks", Integer, nullable=False),
+    Column("processed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("flagged", Integer, nullable=False, server_default="0"),
+    Column("chunks_done", Integer, nullable=False, server_default="0"),
+    Column("chunks_failed", Integer, nullable=False, server_default="0"),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    UniqueConstraint("job", "window_key", name="uq_batch_runs_job_window"),
+    CheckConstraint("state IN ('RUNNING', 'FINISHED')", name="known_state"),
+)
+
+#: One row per finished chunk of a run: a redelivered chunk counts once.
+batch_chunks = Table(
+    "batch_chunks",
+    metadata,
+    Column("run_id", Uuid, ForeignKey("batch_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("chunk", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("run_id", "chunk"),
+    CheckConstraint("state IN ('DONE', 'FAILED')", name="known_state"),
+)
