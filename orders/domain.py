@@ -87,6 +87,10 @@ class PlaceOrder:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: The largest amount an account or an order holds (NUMERIC(14, 2)).
+MAX_AMOUNT = Decimal("999999999999.99")
+
+
 def order_total(lines: tuple[OrderLine, ...], prices: dict[str, Decimal]) -> Decimal:
     """The order's amount: the sum of quantity times unit price."""
     return money(sum((prices[line.product_id] * line.quantity for line in lines), Decimal(0)))

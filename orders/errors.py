@@ -39,3 +39,7 @@ class InvalidTransitionError(OrderError):
 
 class OperationRefusedError(OrderError):
     """An operator's request that cannot be done now (replaying a purged letter...)."""
+
+
+class OperationTargetNotFoundError(OperationRefusedError):
+    """An operator's request names something that does not exist (an unknown letter)."""

@@ -49,8 +49,10 @@ COMMIT = (
 
 
 def arrays(lines: Lines) -> dict[str, list[str] | list[int]]:
-    """The lines as the parameters of the statements on several lines (ids, qtys)."""
-    return {"ids": [product_id for product_id, _ in lines], "qtys": [qty for _, qty in lines]}
+    """The lines as the parameters of the statements on several lines (ids, qtys), in
+    product id order, the order reservations lock in."""
+    ordered = sorted(lines)
+    return {"ids": [product_id for product_id, _ in ordered], "qtys": [qty for _, qty in ordered]}
 
 
 def reserve_stock(conn: Connection, lines: Lines) -> bool:

@@ -32,6 +32,7 @@ from config.failpoints import failpoint
 from config.logs import bind_log_context
 from orders import credit, inventory
 from orders.domain import (
+    MAX_AMOUNT,
     CancelReason,
     EventType,
     OrderStatus,
@@ -168,6 +169,11 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
                 return earlier
         prices = _prices_of_known_products(conn, cmd)
         total = order_total(cmd.lines, prices)
+        if total > MAX_AMOUNT:
+            raise InvalidOrderError(
+                "the order's total is larger than an order can hold",
+                [{"loc": "lines", "msg": f"total {total} exceeds {MAX_AMOUNT}"}],
+            )
         conn.execute(
             _INSERT_ORDER,
             {

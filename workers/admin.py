@@ -11,7 +11,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from config.settings import Settings
-from orders.errors import OperationRefusedError
+from orders.errors import OperationRefusedError, OperationTargetNotFoundError
 from sagas.definition import SagaDefinition
 from workers import batch, dlq
 
@@ -56,6 +56,8 @@ class Operations:
         """Run letters again."""
         try:
             return dlq.replay(self.engine, self.app, letter_ids, self.definitions)
+        except dlq.UnknownLetterError as exc:
+            raise OperationTargetNotFoundError(str(exc)) from exc
         except dlq.DeadLetterError as exc:
             raise OperationRefusedError(str(exc)) from exc
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Reject, Retry
+from kombu.exceptions import OperationalError as BrokerOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -37,6 +38,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     *TRANSIENT_DB_ERRORS,
     RedisConnectionError,
     RedisTimeoutError,
+    BrokerOperationalError,  # a message could not be published
 )
 #: Quick tries of one database transaction inside a task, before the task itself retries
 #: (a serialization failure or a dropped connection usually passes in milliseconds).
@@ -75,6 +77,8 @@ class PolicyTask(Task):  # type: ignore[misc]
 
     abstract = True
     acks_late = True
+    #: Celery's own cap stays out of the way: the policy below counts the retries.
+    max_retries = None
     runtime: Runtime
     #: Retries for this task (None: the settings' TASK_MAX_RETRIES).
     retries: int | None = None
@@ -95,7 +99,7 @@ class PolicyTask(Task):  # type: ignore[misc]
             return self.give_up("poison", poison, args, kwargs)
         try:
             return self.run(*args, **kwargs)
-        except Retry:
+        except (Retry, Ignore, Reject):
             raise
         except TRANSIENT_ERRORS as exc:
             allowed = settings.task_max_retries if self.retries is None else self.retries
@@ -105,7 +109,12 @@ class PolicyTask(Task):  # type: ignore[misc]
                     base=settings.retry_backoff_seconds,
                     cap=settings.retry_backoff_max_seconds,
                 )
-                raise self.retry(exc=exc, countdown=delay) from exc
+                try:
+                    raise self.retry(exc=exc, countdown=delay) from exc
+                except Reject as unpublished:
+                    # The retry could not be published (the broker is down): give the
+                    # message back instead of dropping it; it is delivered again.
+                    raise Reject(unpublished.reason, requeue=True) from exc
             return self.give_up("exhausted", exc, args, kwargs)
         except Exception as exc:
             return self.give_up("failed", exc, args, kwargs)

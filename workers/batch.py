@@ -69,42 +69,51 @@ class RunStatus:
 
 def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -> UUID | None:
     """Start the run of ``window``, or nothing if it was started already (by another
-    beat). Its chunks are published before the run commits: if publishing fails there
-    is no run, and the start is retried."""
+    beat). The run commits first (PUBLISHING), then its chunks are published, then it
+    is RUNNING: a chunk never arrives before its run. A start that fails or dies while
+    publishing is retried (or delivered again) and publishes every chunk again; a chunk
+    delivered twice counts once."""
     now = datetime.now(UTC)
-    run_id = uuid.uuid4()
     with engine.begin() as conn:
         ids = list(conn.execute(select(customers.c.id).order_by(customers.c.id)).scalars())
         size = settings.credit_check_chunk_size
         chunks = [ids[n : n + size] for n in range(0, len(ids), size)]
-        created = conn.execute(
+        run_id: UUID | None = conn.execute(
             insert(batch_runs)
             .values(
-                id=run_id,
+                id=uuid.uuid4(),
                 job=JOB,
                 window_key=window,
-                state="RUNNING",
+                state="PUBLISHING" if chunks else "FINISHED",
                 total=len(ids),
                 chunks=len(chunks),
                 started_at=now,
+                finished_at=None if chunks else now,
             )
             .on_conflict_do_nothing()
-            .returning(literal(1))
-        ).first()
-        if created is None:
-            return None
-        if not chunks:
-            conn.execute(
-                update(batch_runs).where(_r.id == run_id).values(state="FINISHED", finished_at=now)
+            .returning(_r.id)
+        ).scalar()
+        if run_id is None:
+            earlier = conn.execute(
+                select(_r.id, _r.state, _r.chunks).where(_r.job == JOB, _r.window_key == window)
+            ).one()
+            if earlier.state != "PUBLISHING":
+                return None
+            run_id, chunks = earlier.id, chunks[: earlier.chunks]
+    with app.producer_or_acquire() as producer:
+        for number, chunk in enumerate(chunks):
+            app.send_task(
+                names.CREDIT_CHECK_CHUNK,
+                args=(str(run_id), number, chunk),
+                task_id=f"{run_id}.chunk-{number}",
+                producer=producer,
             )
-        with app.producer_or_acquire() as producer:
-            for number, chunk in enumerate(chunks):
-                app.send_task(
-                    names.CREDIT_CHECK_CHUNK,
-                    args=(str(run_id), number, chunk),
-                    task_id=f"{run_id}.chunk-{number}",
-                    producer=producer,
-                )
+    with engine.begin() as conn:
+        conn.execute(
+            update(batch_runs)
+            .where(_r.id == run_id, _r.state == "PUBLISHING")
+            .values(state="RUNNING")
+        )
     return run_id
 
 

@@ -42,6 +42,10 @@ class DeadLetterError(Exception):
     """An operation on a dead letter that cannot be done (unknown, not open, no args)."""
 
 
+class UnknownLetterError(DeadLetterError):
+    """There is no dead letter with that id."""
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """One dead letter as operators see it."""
@@ -184,7 +188,7 @@ def show(engine: Engine, letter_id: int) -> DeadLetter:
     with engine.connect() as conn:
         row = conn.execute(select(dead_letters).where(_d.id == letter_id)).first()
     if row is None:
-        raise DeadLetterError(f"no dead letter {letter_id}")
+        raise UnknownLetterError(f"no dead letter {letter_id}")
     return _letter(row)
 
 
@@ -205,20 +209,38 @@ def replay(
     definitions: Mapping[str, SagaDefinition],
 ) -> dict[int, str]:
     """Run the letters' tasks again; return each letter's new task id. A saga step
-    dispatches its saga again. Letters are marked REPLAYED."""
+    dispatches its saga again (when the saga is not over yet). Letters are marked
+    REPLAYED. Every letter is checked first: one that cannot be replayed refuses the
+    whole request (UnknownLetterError or DeadLetterError) and nothing is replayed."""
     step_tasks = {step.task: d for d in definitions.values() for step in d.steps}
-    replayed: dict[int, str] = {}
-    for letter_id in letter_ids:
-        with engine.begin() as conn:
-            row = conn.execute(
-                select(dead_letters).where(_d.id == letter_id).with_for_update()
-            ).first()
+    wanted = list(dict.fromkeys(letter_ids))
+    with engine.connect() as conn:
+        rows = {row.id: row for row in conn.execute(select(dead_letters).where(_d.id.in_(wanted)))}
+        for letter_id in wanted:
+            row = rows.get(letter_id)
             if row is None:
-                raise DeadLetterError(f"no dead letter {letter_id}")
+                raise UnknownLetterError(f"no dead letter {letter_id}")
             if row.state != "OPEN":
                 raise DeadLetterError(f"dead letter {letter_id} is {row.state}, not OPEN")
-            if row.args is None:
+            if not isinstance(row.args, list) or (row.task_name in step_tasks and not row.args):
                 raise DeadLetterError(f"dead letter {letter_id} has no arguments to replay")
+            if row.task_name in step_tasks:
+                state = _saga_state(conn, row.args[0])
+                if state is None:
+                    raise DeadLetterError(f"the saga of dead letter {letter_id} does not exist")
+                if state in ("CONFIRMED", "CANCELLED"):
+                    raise DeadLetterError(
+                        f"the saga of dead letter {letter_id} is {state} already: nothing to"
+                        " resume (purge the letter)"
+                    )
+    replayed: dict[int, str] = {}
+    for letter_id in wanted:
+        with engine.begin() as conn:
+            row = conn.execute(
+                select(dead_letters).where(_d.id == letter_id, _d.state == "OPEN").with_for_update()
+            ).first()
+            if row is None:  # replayed or purged meanwhile by someone else
+                raise DeadLetterError(f"dead letter {letter_id} is no longer OPEN")
             if row.task_name in step_tasks:
                 new_id = _redispatch_saga(conn, app, step_tasks[row.task_name], row.args[0])
             else:
@@ -237,6 +259,15 @@ def replay(
             )
         replayed[letter_id] = new_id
     return replayed
+
+
+def _saga_state(conn: Any, saga_id: Any) -> str | None:
+    try:
+        saga = UUID(str(saga_id))
+    except ValueError:
+        return None
+    state: str | None = conn.execute(select(sagas.c.state).where(sagas.c.id == saga)).scalar()
+    return state
 
 
 def _redispatch_saga(conn: Any, app: Celery, definition: SagaDefinition, saga_id: str) -> str:

@@ -81,7 +81,7 @@ batch_runs = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     UniqueConstraint("job", "window_key", name="uq_batch_runs_job_window"),
-    CheckConstraint("state IN ('RUNNING', 'FINISHED')", name="known_state"),
+    CheckConstraint("state IN ('PUBLISHING', 'RUNNING', 'FINISHED')", name="known_state"),
 )
 
 #: One row per finished chunk of a run: a redelivered chunk counts once.

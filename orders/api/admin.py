@@ -14,13 +14,18 @@ from config.settings import Settings
 from orders.api.auth import require_api_key
 from orders.ports import Operations
 
+#: Ids are PostgreSQL BIGINTs.
+MAX_ID = 2**63 - 1
+
 
 class LetterIds(BaseModel):
     """The letters an operation applies to."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    ids: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=1000)]
+    ids: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=1000)
+    ]
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -35,6 +40,11 @@ def _body(model: type[BaseModel]) -> Any:
     except ValueError:
         raise BadRequest("the body is not valid JSON") from None
     return model.model_validate(data)
+
+
+def _known_id(letter_id: int) -> None:
+    if letter_id > MAX_ID:
+        raise NotFound(f"no dead letter {letter_id}")
 
 
 def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
@@ -53,9 +63,13 @@ def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
             raise BadRequest("state is open, replayed or purged")
         try:
             older = float(args["older_than_seconds"]) if "older_than_seconds" in args else None
-            limit = min(1000, int(args.get("limit", 100)))
+            limit = int(args.get("limit", 100))
         except ValueError:
             raise BadRequest("older_than_seconds and limit are numbers") from None
+        if older is not None and not 0 <= older <= 10 * 365 * 86400:
+            raise BadRequest("older_than_seconds is between 0 and ten years")
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit is between 1 and 1000")
         letters = operations.dead_letters(
             task=args.get("task"),
             error=args.get("error"),
@@ -67,6 +81,7 @@ def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
 
     @bp.get("/admin/dead-letters/<int:letter_id>")
     def show_dead_letter(letter_id: int) -> Response:
+        _known_id(letter_id)
         letter = operations.dead_letter(letter_id)
         if letter is None:
             raise NotFound(f"no dead letter {letter_id}")
@@ -74,6 +89,7 @@ def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
 
     @bp.post("/admin/dead-letters/<int:letter_id>/replay")
     def replay_one(letter_id: int) -> Response:
+        _known_id(letter_id)
         return _json({"replayed": operations.replay([letter_id])}, 202)
 
     @bp.post("/admin/dead-letters/replay")

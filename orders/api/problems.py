@@ -6,7 +6,10 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
+from kombu.exceptions import OperationalError as BrokerOperationalError
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from orders.db import TRANSIENT_DB_ERRORS
@@ -14,12 +17,15 @@ from orders.errors import (
     IdempotencyKeyReusedError,
     InvalidOrderError,
     OperationRefusedError,
+    OperationTargetNotFoundError,
     OrderNotFoundError,
 )
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+#: The broker unreachable while publishing (an operator's replay or run start).
+BROKER_ERRORS = (BrokerOperationalError, RedisConnectionError, RedisTimeoutError)
 
 
 def problem(status: int, title: str, detail: str | None = None, **extensions: Any) -> Response:
@@ -67,7 +73,18 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationRefusedError)
     def refused(exc: OperationRefusedError) -> Response:
+        if isinstance(exc, OperationTargetNotFoundError):
+            return problem(404, "Not Found", str(exc))
         return problem(409, "Conflict", str(exc))
+
+    for unreachable in BROKER_ERRORS:
+
+        @app.errorhandler(unreachable)
+        def broker_unavailable(exc: Exception) -> Response:
+            logger.warning("broker unavailable: %r", exc)
+            response = problem(503, "Service Unavailable", "the broker cannot be reached")
+            response.headers["Retry-After"] = "5"
+            return response
 
     @app.errorhandler(OrderNotFoundError)
     def not_found(exc: OrderNotFoundError) -> Response:

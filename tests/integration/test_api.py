@@ -52,6 +52,7 @@ def refs(engine: Engine) -> dict[str, str]:
         "customer": add_customer(engine, limit="1000.00"),
         "product": add_product(engine, on_hand=10, price="2.50"),
         "other": add_product(engine, on_hand=10, price="1.25"),
+        "pricey": add_product(engine, on_hand=10, price="9999999999.99"),
     }
 
 
@@ -281,6 +282,12 @@ def bad_bodies(refs: dict[str, str]) -> list[tuple[str, Any, int, str]]:
             "product listed twice",
         ),
         ("unknown field", {**order(), "discount": "100%"}, 422, "discount"),
+        (
+            "a total no account can hold",
+            {"customer_id": c, "lines": [{"product_id": refs["pricey"], "quantity": 1000}]},
+            422,
+            "exceeds 999999999999.99",
+        ),
         ("not an object", [order()], 422, "Invalid order"),
     ]
 

@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis import Redis
 from sqlalchemy import Engine, select, update
 
@@ -25,6 +26,7 @@ from orders.credit_review import review_customers
 from orders.domain import OrderLine, PlaceOrder
 from orders.tables import credit_reviews, customers
 from sagas.order import DEFINITIONS
+from scripts.services import free_port
 from tests.conftest import API_KEY, Servers
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product
@@ -172,6 +174,11 @@ def test_dead_letters_are_kept_listed_replayed_and_purged(
         dlq.replay(engine, publisher, [again.id], DEFINITIONS)
 
     others = [letter.id for letter in letters if letter.id != again.id]
+    with pytest.raises(dlq.DeadLetterError, match="REPLAYED"):  # one refused: none replayed
+        dlq.replay(engine, publisher, [*others, again.id], DEFINITIONS)
+    with pytest.raises(dlq.UnknownLetterError):
+        dlq.replay(engine, publisher, [*others, 2**62], DEFINITIONS)
+    assert len(queued(broker, broker.default_queue)) == 1
     assert dlq.purge(engine, others) == 2
     assert dlq.list_letters(engine, dlq.Filter(task=task)) == []
     assert len(dlq.list_letters(engine, dlq.Filter(task=task, state="PURGED"))) == 2
@@ -236,6 +243,29 @@ def test_a_run_per_window_each_chunk_counted_once_and_a_replayed_chunk_moves_its
     assert (status.failed, status.processed, status.chunks_failed) == (0, status.total, 0)
 
 
+def test_a_run_whose_chunks_could_not_be_published_publishes_them_when_started_again(
+    engine: Engine, broker: Settings, publisher: Celery
+) -> None:
+    window = f"test-{uuid4()}"
+    unreachable = create_celery(
+        replace(broker, broker_url=f"redis://127.0.0.1:{free_port()}/0"), publisher=True
+    )
+    with pytest.raises(OperationalError):
+        batch.start_run(engine, unreachable, broker, window=window)
+    with engine.connect() as conn:
+        run_id, state = conn.execute(
+            select(batch_runs.c.id, batch_runs.c.state).where(batch_runs.c.window_key == window)
+        ).one()
+    assert state == "PUBLISHING"  # committed first: a chunk never arrives before its run
+
+    assert batch.start_run(engine, publisher, broker, window=window) == run_id  # the retry
+    status = batch.run_status(engine, run_id)
+    assert status is not None and status.state == "RUNNING"
+    chunks = [m for m in queued(broker, broker.batch_queue) if m["args"][0] == str(run_id)]
+    assert [m["args"][1] for m in chunks] == list(range(status.chunks))
+    assert batch.start_run(engine, publisher, broker, window=window) is None  # published
+
+
 def test_the_admin_endpoints_need_an_operators_key(
     engine: Engine, broker: Settings, publisher: Celery
 ) -> None:
@@ -269,6 +299,12 @@ def test_the_admin_endpoints_need_an_operators_key(
     assert replayed.status_code == 202
     refused = client.post(f"/admin/dead-letters/{letter['id']}/replay", headers=admin)
     assert refused.status_code == 409 and refused.mimetype == "application/problem+json"
+    for unknown in (2**62, 2**64):
+        missing = client.post(f"/admin/dead-letters/{unknown}/replay", headers=admin)
+        assert missing.status_code == 404 and missing.mimetype == "application/problem+json"
+    for query in ("limit=-1", "limit=0", "older_than_seconds=nan", "older_than_seconds=inf"):
+        bad = client.get(f"/admin/dead-letters?{query}", headers=admin)
+        assert bad.status_code == 400 and bad.mimetype == "application/problem+json", query
     assert (
         client.post("/admin/dead-letters/purge", headers=admin, json={"ids": []}).status_code == 422
     )
