@@ -85,5 +85,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"expires": settings.sweep_interval_seconds * 5},
             },
+            "check-events": {
+                "task": names.CHECK_EVENTS,
+                "schedule": settings.events_check_every_seconds,
+                "options": {"expires": settings.events_check_every_seconds * 2},
+            },
         },
     }

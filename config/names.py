@@ -37,6 +37,9 @@ RELAY_OUTBOX = "housekeeping.relay_outbox"
 #: Deadline sweeper: redrive or finish sagas past their deadline.
 SWEEP_SAGAS = "housekeeping.sweep_sagas"
 
+#: The event consumers' integrity check: apply what a consumer missed.
+CHECK_EVENTS = "housekeeping.check_events"
+
 #: Batch credit check: start a run (beat, on demand), and one chunk of it.
 START_CREDIT_CHECK = "batch.credit_check.start"
 CREDIT_CHECK_CHUNK = "batch.credit_check.chunk"
@@ -56,6 +59,7 @@ ROUTES: dict[str, Lane] = {
     COMPLETE_ORDER: Lane.SAGA,
     RELAY_OUTBOX: Lane.DEFAULT,
     SWEEP_SAGAS: Lane.DEFAULT,
+    CHECK_EVENTS: Lane.DEFAULT,
     START_CREDIT_CHECK: Lane.DEFAULT,
     CREDIT_CHECK_CHUNK: Lane.BATCH,
     TEST_FLAKY: Lane.DEFAULT,

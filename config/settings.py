@@ -111,6 +111,24 @@ class Settings:
     log_level: str = "INFO"
     #: "text" (one line per record) or "json" (one JSON object per line).
     log_format: str = "text"
+    #: The caches' Redis (orders.cache); None: no caches, every read from PostgreSQL.
+    #: From the environment: CACHE_URL, or the broker's Redis two databases on.
+    cache_url: str | None = None
+    #: Refuse at once (422) an order the customer's available credit cannot cover (the
+    #: credit cache answers, PostgreSQL confirms a refusal); off: such an order is
+    #: accepted and cancelled by its saga.
+    credit_precheck: bool = False
+    #: A cache call slower than this is a miss (the read goes to PostgreSQL).
+    cache_timeout_seconds: float = 0.05
+    #: The event consumers read new events this often when idle.
+    events_poll_seconds: float = 0.05
+    #: A hole in the event feed (a transaction not yet committed) is waited for this long;
+    #: past it, the integrity check applies what was missed.
+    events_hold_seconds: float = 5.0
+    #: How often beat runs the event consumers' integrity check.
+    events_check_every_seconds: float = 60.0
+    #: The event consumers serve Prometheus metrics on this port (0: not at all).
+    events_metrics_port: int = 0
     #: The worker serves Prometheus metrics on this port (0: not at all).
     worker_metrics_port: int = 0
     #: ... on this address (loopback unless told otherwise).
@@ -177,6 +195,16 @@ def _backend_url_from(broker_url: str) -> str:
     return broker_url
 
 
+def _cache_url(given: str | None, broker_url: str) -> str | None:
+    """CACHE_URL, "off" for no caches, or by default the broker's Redis two databases on."""
+    if given:
+        return None if given.lower() == "off" else given
+    base, sep, db = broker_url.rpartition("/")
+    if sep and db.isdigit() and "://" in base:
+        return f"{base}/{int(db) + 2}"
+    return broker_url
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from the environment (``os.environ`` unless given)."""
     env = os.environ if environ is None else environ
@@ -239,6 +267,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
         log_format=env.get("LOG_FORMAT", d.log_format).lower(),
+        cache_url=_cache_url(env.get("CACHE_URL"), broker_url),
+        credit_precheck=env.get("CREDIT_PRECHECK", "") == "1",
+        cache_timeout_seconds=_number(env, "CACHE_TIMEOUT_SECONDS", float, d.cache_timeout_seconds),
+        events_poll_seconds=_number(env, "EVENTS_POLL_SECONDS", float, d.events_poll_seconds),
+        events_hold_seconds=_number(env, "EVENTS_HOLD_SECONDS", float, d.events_hold_seconds),
+        events_check_every_seconds=_number(
+            env, "EVENTS_CHECK_EVERY_SECONDS", float, d.events_check_every_seconds
+        ),
+        events_metrics_port=_number(env, "EVENTS_METRICS_PORT", int, d.events_metrics_port),
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),
         worker_metrics_bind=env.get("WORKER_METRICS_BIND", d.worker_metrics_bind),
     )

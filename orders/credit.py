@@ -7,9 +7,12 @@ Statements are built once (compiled once).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Connection, Numeric, Update, bindparam, update
+from sqlalchemy import Connection, Numeric, String, Update, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from orders.tables import customers
 
@@ -20,26 +23,57 @@ _RESERVE = (
     update(customers)
     .where(_c.id == bindparam("account"))
     .where(_c.credit_limit - _c.credit_used - _c.credit_reserved >= _amount)
-    .values(credit_reserved=_c.credit_reserved + _amount)
+    .values(credit_reserved=_c.credit_reserved + _amount, credit_version=_c.credit_version + 1)
+    .returning(_c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version)
 )
 _RELEASE = (
     update(customers)
     .where(_c.id == bindparam("account"))
-    .values(credit_reserved=_c.credit_reserved - _amount)
+    .values(credit_reserved=_c.credit_reserved - _amount, credit_version=_c.credit_version + 1)
 )
+_FIGURES = select(
+    _c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version
+).where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
 #: A reservation becomes credit used; used by ``orders.services.confirm_order`` inside
 #: its single statement.
 COMMIT = (
     update(customers)
     .where(_c.id == bindparam("account"))
-    .values(credit_reserved=_c.credit_reserved - _amount, credit_used=_c.credit_used + _amount)
+    .values(
+        credit_reserved=_c.credit_reserved - _amount,
+        credit_used=_c.credit_used + _amount,
+        credit_version=_c.credit_version + 1,
+    )
 )
 
 
-def reserve_credit(conn: Connection, customer_id: str, amount: Decimal) -> bool:
-    """Reserve ``amount`` of the customer's credit; False when it would pass the limit."""
-    reserved = conn.execute(_RESERVE, {"account": customer_id, "amount": amount})
-    return reserved.rowcount == 1
+@dataclass(frozen=True)
+class CreditFigures:
+    """A customer's credit at one version (what the credit cache holds)."""
+
+    customer_id: str
+    limit: Decimal
+    used: Decimal
+    reserved: Decimal
+    version: int
+
+    @property
+    def available(self) -> Decimal:
+        """What the customer may still reserve (negative when a limit was lowered)."""
+        return self.limit - self.used - self.reserved
+
+
+def reserve_credit(conn: Connection, customer_id: str, amount: Decimal) -> CreditFigures | None:
+    """Reserve ``amount`` of the customer's credit and return the new figures; None
+    when it would pass the limit."""
+    row = conn.execute(_RESERVE, {"account": customer_id, "amount": amount}).first()
+    return None if row is None else CreditFigures(*row)
+
+
+def credit_figures(conn: Connection, customer_ids: Sequence[str]) -> list[CreditFigures]:
+    """The current figures of these customers (unknown ones left out)."""
+    rows = conn.execute(_FIGURES, {"ids": list(customer_ids)}).all()
+    return [CreditFigures(*row) for row in rows]
 
 
 def release_credit(conn: Connection, customer_id: str, amount: Decimal) -> None:

@@ -2,6 +2,7 @@
 
 OrderError
  ├── InvalidOrderError            the order cannot be accepted as sent (422)
+ ├── CreditPrecheckError          the customer's available credit cannot cover it (422)
  ├── IdempotencyKeyReusedError    the key was used before for another request (422)
  ├── OrderNotFoundError           no such order (404)
  └── InvalidTransitionError       the order cannot move to that status
@@ -23,6 +24,11 @@ class InvalidOrderError(OrderError):
         super().__init__(detail)
         self.detail = detail
         self.errors = errors or []
+
+
+class CreditPrecheckError(InvalidOrderError):
+    """The credit pre-check found the order larger than the customer's available credit
+    (CREDIT_PRECHECK); nothing was written."""
 
 
 class IdempotencyKeyReusedError(OrderError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -40,7 +41,12 @@ from orders.domain import (
     order_total,
     statuses_before,
 )
-from orders.errors import IdempotencyKeyReusedError, InvalidOrderError, InvalidTransitionError
+from orders.errors import (
+    CreditPrecheckError,
+    IdempotencyKeyReusedError,
+    InvalidOrderError,
+    InvalidTransitionError,
+)
 from orders.inventory import Lines
 from orders.ports import SagaStart, SagaStarter
 from orders.tables import customers, idempotency_keys, order_events, order_lines, orders, products
@@ -153,8 +159,17 @@ class Accepted:
     replayed: bool = False
 
 
-def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accepted:
+def place_order(
+    engine: Engine,
+    cmd: PlaceOrder,
+    starter: SagaStarter,
+    precheck: Callable[[str, Decimal], Decimal | None] | None = None,
+) -> Accepted:
     """Accept an order and start its saga.
+
+    ``precheck`` (the credit pre-check) returns the customer's available credit when it
+    cannot cover the order's total, None when it can; the order is then refused with
+    CreditPrecheckError. The saga's reservation still decides for the orders it lets by.
 
     The order, its lines, its first event and the saga's outbox entry commit in one
     transaction; the saga is dispatched after the commit. Raises InvalidOrderError or
@@ -173,6 +188,11 @@ def place_order(engine: Engine, cmd: PlaceOrder, starter: SagaStarter) -> Accept
             raise InvalidOrderError(
                 "the order's total is larger than an order can hold",
                 [{"loc": "lines", "msg": f"total {total} exceeds {MAX_AMOUNT}"}],
+            )
+        if precheck is not None and (available := precheck(cmd.customer_id, total)) is not None:
+            raise CreditPrecheckError(
+                "the customer's available credit does not cover the order",
+                [{"loc": "customer_id", "msg": f"total {total}, available {available}"}],
             )
         conn.execute(
             _INSERT_ORDER,

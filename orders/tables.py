@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -43,6 +45,8 @@ customers = Table(
     Column("credit_limit", Money, nullable=False),
     Column("credit_used", Money, nullable=False, server_default="0"),
     Column("credit_reserved", Money, nullable=False, server_default="0"),
+    #: Bumped by every change of the three figures: the credit cache keeps the newest.
+    Column("credit_version", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("credit_limit >= 0", name="limit_not_negative"),
     CheckConstraint("credit_used >= 0", name="used_not_negative"),
     CheckConstraint("credit_reserved >= 0", name="reserved_not_negative"),
@@ -87,6 +91,12 @@ orders = Table(
     CheckConstraint("total >= 0", name="total_not_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
     Index("ix_orders_customer_created", "customer_id", "created_at"),
+    #: Orders still in flight, by customer (a small part of all orders).
+    Index(
+        "ix_orders_active_customer",
+        "customer_id",
+        postgresql_where=text("status IN ('PENDING', 'COMPENSATION_FAILED')"),
+    ),
 )
 
 order_lines = Table(
@@ -105,6 +115,8 @@ order_lines = Table(
 order_events = Table(
     "order_events",
     metadata,
+    #: The order appends happened in, across orders: the consumers' feed.
+    Column("id", BigInteger, Identity(), nullable=False, unique=True),
     Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
     #: 1, 2, 3... per order, with no gap: the primary key refuses a duplicate.
     Column("seq", Integer, nullable=False),
@@ -155,4 +167,38 @@ credit_reviews = Table(
         "customer_id",
         postgresql_where=text("over_limit OR inconsistent"),
     ),
+)
+
+#: Where each consumer is in the feed (the global event id it has read up to).
+consumer_checkpoints = Table(
+    "consumer_checkpoints",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The last event each consumer applied, per order: written with the consumer's effect.
+consumer_positions = Table(
+    "consumer_positions",
+    metadata,
+    Column("consumer", String(64), nullable=False),
+    Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    PrimaryKeyConstraint("consumer", "order_id"),
+)
+
+#: A read model kept by a consumer of the events: each customer's orders at a glance.
+customer_order_summaries = Table(
+    "customer_order_summaries",
+    metadata,
+    Column(
+        "customer_id", String(64), ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("orders_placed", Integer, nullable=False, server_default="0"),
+    Column("orders_confirmed", Integer, nullable=False, server_default="0"),
+    Column("orders_cancelled", Integer, nullable=False, server_default="0"),
+    Column("placed_total", Money, nullable=False, server_default="0"),
+    Column("confirmed_total", Money, nullable=False, server_default="0"),
+    Column("last_order_at", DateTime(timezone=True)),
 )

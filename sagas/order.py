@@ -3,8 +3,9 @@ release what was reserved and cancel it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -12,6 +13,8 @@ from sqlalchemy import Connection
 
 from config import names
 from orders import credit, inventory, services
+from orders.credit import CreditFigures
+from orders.db import after_commit
 from orders.domain import CancelReason
 from sagas.definition import SagaDefinition, Step
 
@@ -45,6 +48,11 @@ class OrderSaga:
 
     definition = ORDER_SAGA
 
+    def __init__(self, on_credit: Callable[[CreditFigures], None] | None = None) -> None:
+        #: Told a customer's new credit figures once a reservation commits (the credit
+        #: cache's write-through).
+        self.on_credit = on_credit
+
     def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
         """Reserve the stock or the credit; the refusal reason when there is not enough."""
         if step == RESERVE_STOCK:
@@ -52,7 +60,10 @@ class OrderSaga:
                 return None
             return CancelReason.OUT_OF_STOCK.value
         if step == RESERVE_CREDIT:
-            if credit.reserve_credit(conn, _customer(payload), _amount(payload)):
+            figures = credit.reserve_credit(conn, _customer(payload), _amount(payload))
+            if figures is not None:
+                if self.on_credit is not None:
+                    after_commit(conn, partial(self.on_credit, figures))
                 return None
             return CancelReason.CREDIT_LIMIT_EXCEEDED.value
         raise ValueError(f"the order saga has no step {step!r}")

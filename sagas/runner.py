@@ -22,7 +22,7 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine
 
 from config.failpoints import failpoint
-from orders.db import TRANSIENT_DB_ERRORS
+from orders.db import TRANSIENT_DB_ERRORS, transaction
 from sagas import store
 from sagas.definition import SagaDefinition
 from sagas.engine import (
@@ -96,7 +96,7 @@ def run_step(
     if delay:
         time.sleep(delay)  # test-only (Settings.step_delay_seconds)
     try:
-        with engine.begin() as conn:
+        with transaction(engine) as conn:
             reason = saga.apply(step, conn, payload)
             status = StepStatus.APPLIED if reason is None else StepStatus.REFUSED
             outcome = StepOutcome(step, status, reason)

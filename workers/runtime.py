@@ -10,7 +10,10 @@ from redis import Redis
 from sqlalchemy import Engine
 
 from config.settings import Settings
+from orders.cache import CREDIT, Caches
+from orders.credit import CreditFigures
 from orders.db import make_engine
+from orders.projections import credit_entry
 from sagas.order import OrderSaga
 from sagas.recovery import RecoveryPolicy
 
@@ -26,7 +29,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.order_saga = OrderSaga()
+        self.order_saga = OrderSaga(on_credit=self._credit_changed)
         self.recovery = RecoveryPolicy(
             deadline=timedelta(seconds=settings.saga_deadline_seconds),
             max_redrives=settings.max_redrives,
@@ -34,13 +37,31 @@ class Runtime:
         )
         self._engine: Engine | None = None
         self._redis: Redis | None = None
+        self._caches: Caches | None = None
         self._pid = 0
 
     def _fresh(self) -> None:
         if self._pid != os.getpid():
-            self._engine = make_engine(self.settings, application_name="orders-worker")
-            self._redis = Redis.from_url(self.settings.broker_url, socket_timeout=5)
+            settings = self.settings
+            self._engine = make_engine(settings, application_name="orders-worker")
+            self._redis = Redis.from_url(settings.broker_url, socket_timeout=5)
+            self._caches = (
+                Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+                if settings.cache_url
+                else None
+            )
             self._pid = os.getpid()
+
+    @property
+    def caches(self) -> Caches | None:
+        """This process's caches (None when the settings have none)."""
+        self._fresh()
+        return self._caches
+
+    def _credit_changed(self, figures: CreditFigures) -> None:
+        caches = self.caches
+        if caches is not None:
+            caches.put(CREDIT, {figures.customer_id: credit_entry(figures)})
 
     @property
     def engine(self) -> Engine:

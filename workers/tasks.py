@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import names
 from config.schedules import window_key
+from orders.events import repair
+from orders.projections import event_consumers
 from sagas import runner
 from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
@@ -68,6 +70,15 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             runtime.engine, app, sagas, runtime.recovery, on_complete=record_completion
         )
         return vars(report)
+
+    @app.task(name=names.CHECK_EVENTS, base=base, retries=0, dead_letters=False)
+    def check_events() -> dict[str, int]:
+        """The integrity check: every consumer's positions against the event log."""
+        hold = runtime.settings.events_hold_seconds
+        return {
+            consumer.name: repair(runtime.engine, consumer, hold=hold).applied
+            for consumer in event_consumers(runtime.caches)
+        }
 
     _register_batch_tasks(app, runtime, base)
     if runtime.settings.test_tasks:

@@ -13,6 +13,7 @@ from flask import Flask
 from config.logs import configure_logging
 from config.settings import load_settings
 from orders import api
+from orders.cache import Caches
 from orders.db import make_engine
 from sagas.launch import ChordLauncher
 from sagas.order import DEFINITIONS, ORDER_SAGA
@@ -30,10 +31,16 @@ def create_app() -> Flask:
     deadline = timedelta(seconds=settings.saga_deadline_seconds)
     launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
     operations = Operations(engine, publisher, settings, DEFINITIONS)
+    caches = (
+        Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+        if settings.cache_url
+        else None
+    )
     return api.create_app(
         settings,
         starter=launcher,
         engine=engine,
+        caches=caches,
         timeline=SqlTimeline(engine),
         operations=operations,
     )

@@ -13,10 +13,12 @@ from orders.api.health import health_blueprint
 from orders.api.metrics import instrument
 from orders.api.openapi import openapi_document
 from orders.api.problems import register_error_handlers
-from orders.api.routes import orders_blueprint
+from orders.api.routes import customers_blueprint, orders_blueprint
 from orders.api.timeline import timeline_blueprint
+from orders.cache import Caches
 from orders.db import make_engine
 from orders.ports import Operations, SagaStarter, TimelineSource
+from orders.reads import Reader
 
 #: Seconds a readiness probe waits for the database or Redis.
 READY_TIMEOUT = 0.5
@@ -29,6 +31,7 @@ def create_app(
     engine: Engine | None = None,
     timeline: TimelineSource | None = None,
     operations: Operations | None = None,
+    caches: Caches | None = None,
 ) -> Flask:
     """Build the API. ``starter`` dispatches sagas; ``timeline`` (optional) reads saga
     timelines; ``operations`` (optional) serves the operators' endpoints; ``engine``
@@ -59,7 +62,9 @@ def create_app(
         redis.ping()
 
     app.register_blueprint(health_blueprint({"database": database, "redis": broker}))
-    app.register_blueprint(orders_blueprint(settings, engine, starter))
+    reader = Reader(engine, caches)
+    app.register_blueprint(orders_blueprint(settings, engine, starter, reader))
+    app.register_blueprint(customers_blueprint(settings, engine, reader))
     if timeline is not None:
         app.register_blueprint(timeline_blueprint(settings, timeline))
     if operations is not None:

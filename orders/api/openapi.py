@@ -6,7 +6,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orders.api.schemas import AcceptedOut, OrderIn, OrderOut, Problem, StatusOut
+from orders.api.schemas import (
+    AcceptedOut,
+    CreditOut,
+    CustomerOrdersOut,
+    CustomerSummaryOut,
+    OrderIn,
+    OrderOut,
+    Problem,
+    StatusesOut,
+    StatusOut,
+)
 
 _REF = "#/components/schemas/{model}"
 
@@ -65,6 +75,34 @@ def _read(model: type[BaseModel], summary: str) -> dict[str, Any]:
     }
 
 
+def _param(name: str, where: str, text: str, kind: str = "string") -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path" or name == "ids",
+        "description": text,
+        "schema": {"type": kind},
+    }
+
+
+def _query(
+    model: type[BaseModel], summary: str, parameters: list[dict[str, Any]], *codes: int
+) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "parameters": parameters,
+            "responses": {
+                "200": {
+                    "description": summary,
+                    "content": {"application/json": {"schema": _ref(model)}},
+                },
+                **_problems(401, *codes),
+            },
+        }
+    }
+
+
 def _page(summary: str, media: str) -> dict[str, Any]:
     read = _read(OrderOut, summary)
     read["get"]["responses"]["200"] = {"description": summary, "content": {media: {}}}
@@ -77,7 +115,17 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Order saga orchestrator", "version": "0.1.0"},
         "components": {
-            "schemas": _components(OrderIn, AcceptedOut, OrderOut, StatusOut, Problem),
+            "schemas": _components(
+                OrderIn,
+                AcceptedOut,
+                OrderOut,
+                StatusOut,
+                StatusesOut,
+                CustomerOrdersOut,
+                CustomerSummaryOut,
+                CreditOut,
+                Problem,
+            ),
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"apiKey": []}],
@@ -109,6 +157,12 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/orders/status": _query(
+                StatusesOut,
+                "Up to 100 orders' statuses (one cache lookup, one query for the misses)",
+                [_param("ids", "query", "order ids separated by commas (1 to 100)")],
+                400,
+            ),
             "/orders/{order_id}": _read(OrderOut, "The order with its lines"),
             "/orders/{order_id}/status": _read(StatusOut, "The order's status"),
             "/orders/{order_id}/timeline": _page(
@@ -117,6 +171,29 @@ def openapi_document() -> dict[str, Any]:
             ),
             "/orders/{order_id}/timeline.html": _page(
                 "The saga drawn as bars on a time axis", "text/html"
+            ),
+            "/customers/{customer_id}/orders": _query(
+                CustomerOrdersOut,
+                "The customer's orders with their lines, newest first, a page at a time",
+                [
+                    _param("customer_id", "path", "the customer"),
+                    _param("limit", "query", "orders per page, 1 to 100 (20)", "integer"),
+                    _param("after", "query", "the cursor of the previous page's next link"),
+                ],
+                400,
+                404,
+            ),
+            "/customers/{customer_id}/summary": _query(
+                CustomerSummaryOut,
+                "The customer's orders at a glance (kept from the order events)",
+                [_param("customer_id", "path", "the customer")],
+                404,
+            ),
+            "/customers/{customer_id}/credit": _query(
+                CreditOut,
+                "The customer's credit: limit, used, reserved, available (cached)",
+                [_param("customer_id", "path", "the customer")],
+                404,
             ),
             "/metrics": {
                 "get": {

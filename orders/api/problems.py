@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from orders.db import TRANSIENT_DB_ERRORS
 from orders.errors import (
+    CreditPrecheckError,
     IdempotencyKeyReusedError,
     InvalidOrderError,
     OperationRefusedError,
@@ -65,7 +66,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(InvalidOrderError)
     def invalid_order(exc: InvalidOrderError) -> Response:
-        return problem(422, "Invalid order", exc.detail, errors=exc.errors)
+        title = "Credit limit exceeded" if isinstance(exc, CreditPrecheckError) else "Invalid order"
+        return problem(422, title, exc.detail, errors=exc.errors)
 
     @app.errorhandler(IdempotencyKeyReusedError)
     def key_reused(exc: IdempotencyKeyReusedError) -> Response:

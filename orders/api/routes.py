@@ -1,29 +1,58 @@
-"""The orders endpoints: accept an order, read it, read its status."""
+"""The orders endpoints (accept an order, read it, read statuses) and the customers'
+read side (their orders, summary and credit)."""
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 from flask import Blueprint, Response, g, request
 from sqlalchemy import Engine
-from werkzeug.exceptions import BadRequest, NotFound, RequestEntityTooLarge, UnsupportedMediaType
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    NotFound,
+    RequestEntityTooLarge,
+    UnsupportedMediaType,
+)
 
 from config.settings import Settings
 from orders import queries, services
 from orders.api.auth import require_api_key
-from orders.api.schemas import AcceptedOut, LineOut, Links, OrderIn, OrderOut, StatusOut
+from orders.api.schemas import (
+    AcceptedOut,
+    CreditOut,
+    CustomerOrdersOut,
+    CustomerSummaryOut,
+    LineOut,
+    Links,
+    OrderIn,
+    OrderOut,
+    StatusesOut,
+    StatusOut,
+)
 from orders.domain import OrderLine, OrderStatus, PlaceOrder
 from orders.errors import InvalidOrderError
 from orders.ports import SagaStarter
+from orders.queries import OrderView, StatusView
+from orders.reads import Reader
 
 #: Idempotency-Key values: 1 to 255 visible ASCII characters (quotes of an sf-string dropped).
 MAX_IDEMPOTENCY_KEY = 255
+#: Most ids one status lookup takes.
+MAX_STATUS_IDS = 100
+#: Orders per page of a customer's orders: by default, and at most.
+PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 
 
-def orders_blueprint(settings: Settings, engine: Engine, starter: SagaStarter) -> Blueprint:
-    """The ``/orders`` endpoints, bound to this app's engine and saga starter."""
+def orders_blueprint(
+    settings: Settings, engine: Engine, starter: SagaStarter, reader: Reader
+) -> Blueprint:
+    """The ``/orders`` endpoints, bound to this app's engine, saga starter and reader."""
     bp = Blueprint("orders", __name__, url_prefix="/orders")
 
     @bp.before_request
@@ -41,7 +70,8 @@ def orders_blueprint(settings: Settings, engine: Engine, starter: SagaStarter) -
             client=g.client,
             idempotency_key=key,
         )
-        accepted = services.place_order(engine, cmd, starter)
+        precheck = reader.credit_shortfall if settings.credit_precheck else None
+        accepted = services.place_order(engine, cmd, starter, precheck)
         status = OrderStatus.PENDING.value
         if accepted.replayed:
             current = queries.get_status(engine, accepted.order_id)
@@ -54,43 +84,134 @@ def orders_blueprint(settings: Settings, engine: Engine, starter: SagaStarter) -
         response.headers["Location"] = links.status
         return response
 
-    @bp.get("/<order_id>")
-    def get_order(order_id: str) -> Response:
-        view = queries.get_order(engine, _uuid(order_id))
-        if view is None:
-            raise NotFound(f"no order {order_id}")
-        out = OrderOut(
-            order_id=view.order_id,
-            customer_id=view.customer_id,
-            status=view.status,
-            cancel_reason=view.cancel_reason,
-            problem=view.problem,
-            total=str(view.total),
-            lines=[
-                LineOut(
-                    product_id=ln.product_id, quantity=ln.quantity, unit_price=str(ln.unit_price)
-                )
-                for ln in view.lines
-            ],
-            created_at=view.created_at,
-            updated_at=view.updated_at,
+    @bp.get("/status")
+    def get_statuses() -> Response:
+        raw = [part.strip() for part in request.args.get("ids", "").split(",") if part.strip()]
+        if not 0 < len(raw) <= MAX_STATUS_IDS:
+            raise BadRequest(f"ids: 1 to {MAX_STATUS_IDS} order ids, separated by commas")
+        ids = list(dict.fromkeys(_uuid(text, BadRequest) for text in raw))
+        found = reader.statuses(ids)
+        out = StatusesOut(
+            statuses=[_status_out(found[i]) for i in ids if i in found],
+            unknown=[str(i) for i in ids if i not in found],
         )
         return _json(out.model_dump(mode="json"))
 
-    @bp.get("/<order_id>/status")
-    def get_status(order_id: str) -> Response:
-        view = queries.get_status(engine, _uuid(order_id))
+    @bp.get("/<order_id>")
+    def get_order(order_id: str) -> Response:
+        view = reader.order(_uuid(order_id))
         if view is None:
             raise NotFound(f"no order {order_id}")
-        out = StatusOut(
-            order_id=view.order_id,
-            status=view.status,
-            cancel_reason=view.cancel_reason,
-            updated_at=view.updated_at,
+        return _json(_order_out(view).model_dump(mode="json"))
+
+    @bp.get("/<order_id>/status")
+    def get_status(order_id: str) -> Response:
+        view = reader.status(_uuid(order_id))
+        if view is None:
+            raise NotFound(f"no order {order_id}")
+        return _json(_status_out(view).model_dump(mode="json"))
+
+    return bp
+
+
+def customers_blueprint(settings: Settings, engine: Engine, reader: Reader) -> Blueprint:
+    """``/customers/<id>/...``: a customer's orders, order summary and credit."""
+    bp = Blueprint("customers", __name__, url_prefix="/customers")
+
+    @bp.before_request
+    def authenticate() -> None:
+        require_api_key(settings.api_keys)
+
+    @bp.get("/<customer_id>/orders")
+    def customer_orders(customer_id: str) -> Response:
+        try:
+            limit = int(request.args.get("limit", PAGE_SIZE))
+        except ValueError:
+            raise BadRequest("limit is a number") from None
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise BadRequest(f"limit is between 1 and {MAX_PAGE_SIZE}")
+        after = _cursor(request.args.get("after"))
+        page = queries.customer_orders(engine, customer_id, limit, after)
+        if page is None:
+            raise NotFound(f"no customer {customer_id}")
+        following = None
+        if page.next_after is not None:
+            created, order_id = page.next_after
+            cursor = base64.urlsafe_b64encode(f"{created.isoformat()}|{order_id}".encode())
+            following = (
+                f"/customers/{quote(customer_id, safe='')}/orders?limit={limit}"
+                f"&after={cursor.decode()}"
+            )
+        out = CustomerOrdersOut(orders=[_order_out(v) for v in page.orders], next=following)
+        return _json(out.model_dump(mode="json"))
+
+    @bp.get("/<customer_id>/summary")
+    def customer_summary(customer_id: str) -> Response:
+        summary = queries.customer_summary(engine, customer_id)
+        if summary is None:
+            raise NotFound(f"no customer {customer_id}")
+        out = CustomerSummaryOut(
+            customer_id=summary.customer_id,
+            orders_placed=summary.orders_placed,
+            orders_confirmed=summary.orders_confirmed,
+            orders_cancelled=summary.orders_cancelled,
+            placed_total=f"{summary.placed_total:.2f}",
+            confirmed_total=f"{summary.confirmed_total:.2f}",
+            last_order_at=summary.last_order_at,
+        )
+        return _json(out.model_dump(mode="json"))
+
+    @bp.get("/<customer_id>/credit")
+    def customer_credit(customer_id: str) -> Response:
+        figures = reader.credit(customer_id)
+        if figures is None:
+            raise NotFound(f"no customer {customer_id}")
+        out = CreditOut(
+            customer_id=figures.customer_id,
+            limit=f"{figures.limit:.2f}",
+            used=f"{figures.used:.2f}",
+            reserved=f"{figures.reserved:.2f}",
+            available=f"{figures.available:.2f}",
         )
         return _json(out.model_dump(mode="json"))
 
     return bp
+
+
+def _status_out(view: StatusView) -> StatusOut:
+    return StatusOut(
+        order_id=view.order_id,
+        status=view.status,
+        cancel_reason=view.cancel_reason,
+        updated_at=view.updated_at,
+    )
+
+
+def _order_out(view: OrderView) -> OrderOut:
+    return OrderOut(
+        order_id=view.order_id,
+        customer_id=view.customer_id,
+        status=view.status,
+        cancel_reason=view.cancel_reason,
+        problem=view.problem,
+        total=str(view.total),
+        lines=[
+            LineOut(product_id=ln.product_id, quantity=ln.quantity, unit_price=str(ln.unit_price))
+            for ln in view.lines
+        ],
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+    )
+
+
+def _cursor(raw: str | None) -> tuple[datetime, UUID] | None:
+    if raw is None:
+        return None
+    try:
+        created, _, order_id = base64.urlsafe_b64decode(raw.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), UUID(order_id)
+    except ValueError:
+        raise BadRequest("after: the cursor of a previous page's next link") from None
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -143,8 +264,8 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _uuid(text: str) -> UUID:
+def _uuid(text: str, error: type[HTTPException] = NotFound) -> UUID:
     try:
         return UUID(text)
     except ValueError:
-        raise NotFound(f"no order {text}") from None
+        raise error(f"no order {text}") from None

@@ -87,3 +87,41 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[dict[str, str]] | None = None
+
+
+class StatusesOut(BaseModel):
+    """Several orders' statuses; the ids that name no order."""
+
+    statuses: list[StatusOut]
+    unknown: list[str]
+
+
+class CustomerOrdersOut(BaseModel):
+    """A page of a customer's orders, newest first."""
+
+    orders: list[OrderOut]
+    #: The next (older) page, when there may be one.
+    next: str | None
+
+
+class CustomerSummaryOut(BaseModel):
+    """A customer's orders at a glance (kept from the order events: it may trail the
+    orders by the consumers' lag)."""
+
+    customer_id: str
+    orders_placed: int
+    orders_confirmed: int
+    orders_cancelled: int
+    placed_total: MoneyText
+    confirmed_total: MoneyText
+    last_order_at: datetime | None
+
+
+class CreditOut(BaseModel):
+    """A customer's credit: the limit, what is used, what is reserved, what is left."""
+
+    customer_id: str
+    limit: MoneyText
+    used: MoneyText
+    reserved: MoneyText
+    available: MoneyText

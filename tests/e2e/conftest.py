@@ -18,9 +18,10 @@ pytestmark = pytest.mark.e2e
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Attach the stack's process logs to a failing end-to-end test's report."""
     report = yield
-    stack = getattr(item, "funcargs", {}).get("stack")
-    if report.failed and isinstance(stack, Stack):
-        report.sections.append(("process logs", stack.logs()))
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Stack):
+                report.sections.append((f"process logs of {name}", value.logs()))
     return report
 
 

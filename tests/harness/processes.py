@@ -100,6 +100,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "REDIS_URL": settings.broker_url,
         "RESULT_BACKEND_URL": settings.result_backend_url,
         "API_KEYS": ",".join(sorted(settings.api_keys)),
+        "CACHE_URL": settings.cache_url or "off",
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     }
@@ -135,6 +136,8 @@ class Stack:
     #: Run workers with -E (task events, as Flower needs and the Procfile does).
     worker_events: bool = False
     beat: bool = False
+    #: Run the event consumers' process (python -m workers.events).
+    events: bool = False
     #: Start Flower with this "user:password" and URL prefix (workers then send events).
     flower_auth: str | None = None
     flower_prefix: str = ""
@@ -204,6 +207,8 @@ class Stack:
             self.services.append(
                 service("beat", f"celery -A workers.app beat -s {schedule} -l INFO")
             )
+        if self.events:
+            self.services.append(service("events", "python -m workers.events"))
         if self.flower_auth:
             self.services.append(
                 service(

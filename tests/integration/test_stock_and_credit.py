@@ -81,7 +81,7 @@ def test_twenty_racing_credit_reservations_never_pass_the_limit(engine: Engine) 
 
     def reserve(_: int) -> bool:
         with engine.begin() as conn:
-            return credit.reserve_credit(conn, customer, Decimal("20.00"))
+            return credit.reserve_credit(conn, customer, Decimal("20.00")) is not None
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(pool.map(reserve, range(20)))

@@ -65,3 +65,10 @@ def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:
 
 def test_the_consumer_keeps_what_it_cannot_run_as_dead_letters() -> None:
     assert CONFIG["worker_consumer"] == "workers.consumer:DeadLetteringConsumer"
+
+
+def test_beat_runs_the_event_consumers_integrity_check_on_the_default_lane() -> None:
+    config = celery_config(Settings(events_check_every_seconds=30))
+    entry = config["beat_schedule"]["check-events"]
+    assert (entry["task"], entry["schedule"]) == (names.CHECK_EVENTS, 30)
+    assert config["task_routes"][names.CHECK_EVENTS] == {"queue": "default"}

@@ -49,6 +49,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "worker-saga",
         "worker-default",
         "worker-batch",
+        "events",
         "beat",
         "flower",
     }
@@ -56,7 +57,15 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         assert services[store]["healthcheck"]["test"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("web", "worker-saga", "worker-default", "worker-batch", "beat", "flower"):
+    for name in (
+        "web",
+        "worker-saga",
+        "worker-default",
+        "worker-batch",
+        "events",
+        "beat",
+        "flower",
+    ):
         deps = services[name]["depends_on"]
         assert deps["postgres"]["condition"] == deps["redis"]["condition"] == "service_healthy"
         assert deps["migrate"]["condition"] == "service_completed_successfully"
@@ -70,11 +79,20 @@ def test_compose_sets_only_variables_the_code_reads() -> None:
         assert set(compose()["services"][name]["environment"]) <= known, name
 
 
-def test_procfile_runs_the_api_a_worker_per_lane_beat_and_flower() -> None:
+def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower() -> None:
     lines = dict(
         line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
     )
-    assert set(lines) == {"web", "worker_saga", "worker_default", "worker_batch", "beat", "flower"}
+    assert set(lines) == {
+        "web",
+        "worker_saga",
+        "worker_default",
+        "worker_batch",
+        "events",
+        "beat",
+        "flower",
+    }
+    assert "python -m workers.events" in lines["events"]
     assert "'workers.web:create_app()'" in lines["web"]
     assert "-Q ${SAGA_LANE:-saga.high}" in lines["worker_saga"]
     assert "-Q ${DEFAULT_LANE:-default}" in lines["worker_default"]

@@ -53,3 +53,10 @@ def test_reads_the_environment() -> None:
 def test_refuses_malformed_or_unsafe_settings(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ)
+
+
+def test_the_caches_live_two_databases_past_the_broker_unless_told() -> None:
+    assert load_settings({"REDIS_URL": "redis://h:6379/0"}).cache_url == "redis://h:6379/2"
+    given = load_settings({"CACHE_URL": "redis://cache:6379/5"})
+    assert given.cache_url == "redis://cache:6379/5"
+    assert load_settings({"CACHE_URL": "off"}).cache_url is None

@@ -1,0 +1,157 @@
+"""The consumers of the order events: the caches, and the customer order summaries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Uuid, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+
+from orders import credit
+from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
+from orders.domain import EventType
+from orders.events import Consumer, Event
+from orders.queries import StatusView
+from orders.tables import customer_order_summaries, orders
+
+_o = orders.c
+_ORDERS = select(
+    _o.id, _o.status, _o.cancel_reason, _o.updated_at, _o.version, _o.customer_id, _o.total
+).where(_o.id == func.any(bindparam("ids", type_=ARRAY(Uuid))))
+#: Events after which a customer's credit figures are not what they were.
+CREDIT_CHANGES = frozenset(
+    {
+        EventType.ORDER_CONFIRMED.value,
+        EventType.ORDER_CANCELLED.value,
+        EventType.ORDER_COMPENSATION_FAILED.value,
+    }
+)
+
+
+def credit_entry(figures: credit.CreditFigures) -> Entry:
+    """A customer's credit as the credit cache holds it."""
+    return Entry(
+        figures.version,
+        {
+            "customer_id": figures.customer_id,
+            "limit": str(figures.limit),
+            "used": str(figures.used),
+            "reserved": str(figures.reserved),
+            "available": str(figures.available),
+        },
+    )
+
+
+def figures_of(entry: Entry) -> credit.CreditFigures:
+    """The credit figures a cache entry holds."""
+    value = entry.value
+    return credit.CreditFigures(
+        value["customer_id"],
+        Decimal(value["limit"]),
+        Decimal(value["used"]),
+        Decimal(value["reserved"]),
+        entry.version,
+    )
+
+
+class CacheRefresher:
+    """Keeps the caches fresh: an order's events write its current status (never over a
+    newer one) and remove its cached details; confirmation and cancellation refresh the
+    customer's credit figures. Redis is written before the positions commit: an event is
+    applied again if the commit fails, which writes the same values."""
+
+    name = "caches"
+
+    def __init__(self, caches: Caches) -> None:
+        self.caches = caches
+
+    def apply(self, conn: Connection, events: Sequence[Event]) -> None:
+        """Refresh the caches of these events' orders and customers."""
+        ids = list({event.order_id for event in events})
+        rows = conn.execute(_ORDERS, {"ids": ids}).all()
+        statuses = {
+            row.id: Entry(
+                row.version,
+                StatusView(
+                    row.id, row.status, row.cancel_reason, row.updated_at, row.version
+                ).to_json(),
+            )
+            for row in rows
+        }
+        customer_of = {row.id: row.customer_id for row in rows}
+        touched = {customer_of[e.order_id] for e in events if e.type in CREDIT_CHANGES}
+        figures = credit.credit_figures(conn, sorted(touched)) if touched else []
+        self.caches.refresh(
+            {STATUS: statuses, CREDIT: {f.customer_id: credit_entry(f) for f in figures}},
+            {DETAILS: ids},
+        )
+
+
+class CustomerSummaries:
+    """The per-customer order summary: orders placed, confirmed and cancelled, their
+    totals, the last order's date."""
+
+    name = "customer_summary"
+
+    def apply(self, conn: Connection, events: Sequence[Event]) -> None:
+        """Add these events to their customers' summaries (one statement)."""
+        rows = conn.execute(_ORDERS, {"ids": list({e.order_id for e in events})}).all()
+        order = {row.id: row for row in rows}
+        deltas: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {
+                "orders_placed": 0,
+                "orders_confirmed": 0,
+                "orders_cancelled": 0,
+                "placed_total": Decimal(0),
+                "confirmed_total": Decimal(0),
+                "last_order_at": None,
+            }
+        )
+        for event in events:
+            row = order[event.order_id]
+            delta = deltas[row.customer_id]
+            if event.type == EventType.ORDER_PLACED:
+                delta["orders_placed"] += 1
+                delta["placed_total"] += row.total
+                delta["last_order_at"] = _later(delta["last_order_at"], event.occurred_at)
+            elif event.type == EventType.ORDER_CONFIRMED:
+                delta["orders_confirmed"] += 1
+                delta["confirmed_total"] += row.total
+            elif event.type == EventType.ORDER_CANCELLED:
+                delta["orders_cancelled"] += 1
+        if not deltas:
+            return
+        s = customer_order_summaries.c
+        upsert = insert(customer_order_summaries).values(
+            [{"customer_id": customer, **delta} for customer, delta in deltas.items()]
+        )
+        new = upsert.excluded
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[s.customer_id],
+                set_={
+                    "orders_placed": s.orders_placed + new.orders_placed,
+                    "orders_confirmed": s.orders_confirmed + new.orders_confirmed,
+                    "orders_cancelled": s.orders_cancelled + new.orders_cancelled,
+                    "placed_total": s.placed_total + new.placed_total,
+                    "confirmed_total": s.confirmed_total + new.confirmed_total,
+                    "last_order_at": func.greatest(s.last_order_at, new.last_order_at),
+                },
+            )
+        )
+
+
+def _later(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or b > a else a
+
+
+def event_consumers(caches: Caches | None) -> list[Consumer]:
+    """The consumers of a deployment (no cache refresher without caches)."""
+    found: list[Consumer] = [CustomerSummaries()]
+    if caches is not None:
+        found.insert(0, CacheRefresher(caches))
+    return found

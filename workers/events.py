@@ -1,0 +1,94 @@
+"""The event consumers' process: ``python -m workers.events`` (Procfile ``events``).
+
+Applies new order events to the caches and to the customer order summaries, a batch at a
+time, each consumer in its own transactions (one failing does not hold the other up).
+One process per deployment is enough; a second one idles (a consumer's checkpoint row is
+locked while it works) and takes over when the first stops. Beat runs the integrity
+check (``housekeeping.check_events``) for what the feed missed.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    # One process: its metrics are plain, whatever directory the environment names for
+    # the multiprocess ones of the other processes.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import Gauge, start_http_server
+from sqlalchemy import Engine
+
+from config.logs import configure_logging
+from config.settings import Settings, load_settings
+from orders.cache import Caches
+from orders.db import make_engine
+from orders.events import Consumer, consume, lag
+from orders.projections import event_consumers
+
+logger = logging.getLogger(__name__)
+
+#: Events read per transaction.
+BATCH = 500
+
+LAG = Gauge("orders_consumer_lag_events", "Events written but not yet applied.", ["consumer"])
+
+
+def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop: Any) -> None:
+    """Consume until ``stop`` (a threading.Event) is set."""
+    failing: dict[str, float] = {}
+    measured = 0.0
+    while not stop.is_set():
+        busy = False
+        for consumer in consumers:
+            if failing.get(consumer.name, 0.0) > time.monotonic():
+                continue
+            try:
+                tally = consume(engine, consumer, limit=BATCH, hold=settings.events_hold_seconds)
+            except Exception as exc:
+                logger.warning("consumer %s failed, trying again in 1 s: %r", consumer.name, exc)
+                failing[consumer.name] = time.monotonic() + 1.0
+                continue
+            failing.pop(consumer.name, None)
+            busy = busy or tally.read >= BATCH
+        if time.monotonic() - measured > 1.0:
+            measured = time.monotonic()
+            for consumer in consumers:
+                try:
+                    LAG.labels(consumer.name).set(lag(engine, consumer.name))
+                except Exception:
+                    logger.debug("lag not measured", exc_info=True)
+        if not busy:
+            stop.wait(settings.events_poll_seconds)
+
+
+def main() -> None:
+    """Run the consumers until SIGTERM or SIGINT."""
+    settings = load_settings()
+    configure_logging(settings)
+    if settings.events_metrics_port:
+        start_http_server(settings.events_metrics_port, addr=settings.worker_metrics_bind)
+    engine = make_engine(settings, application_name="orders-events")
+    caches = (
+        Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+        if settings.cache_url
+        else None
+    )
+    consumers = event_consumers(caches)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    logger.info("event consumers running: %s", ", ".join(c.name for c in consumers))
+    run(settings, engine, consumers, stop)
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
