@@ -1,7 +1,8 @@
 """``make bench``: the order saga's throughput and latency next to a bare Celery chord.
 
 Starts PostgreSQL (fsync on) and Redis (append-only file, as in docker-compose.yml),
-then the API under gunicorn, the worker and beat as the Procfile runs them. On that
+then the API under gunicorn, a worker per lane, the event consumers and beat as the
+Procfile runs them. On that
 stack it offers an open-loop load at a ladder of fixed rates, first of bare chords (two
 no-op members and a no-op body, published like a saga's), then of orders over HTTP, and
 reports per rate: completions/s, POST latency, completion latency, errors, CPU per
@@ -38,7 +39,7 @@ from sagas.canvas import dispatch_saga
 from sagas.definition import SagaDefinition, Step
 from scripts.services import LocalPostgres, LocalRedis
 from tests.conftest import API_KEY, migrate
-from tests.harness.processes import Stack
+from tests.harness.processes import Stack, WorkerSpec
 from workers.celery_app import create_celery
 
 #: A rate is sustained when its p99 completion time stays under this.
@@ -101,7 +102,7 @@ class Processes:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def groups(self) -> dict[str, list[psutil.Process]]:
-        """The stack's processes: api, worker, beat, postgres, redis, and this one."""
+        """The stack's processes: api, worker, events, beat, postgres, redis, and this one."""
         found: dict[str, list[psutil.Process]] = {}
         me = psutil.Process()
         for proc in psutil.process_iter(["cmdline", "name"]):
@@ -112,6 +113,8 @@ class Processes:
                 group = "worker"
             elif "celery" in cmd and " beat" in cmd:
                 group = "beat"
+            elif "workers.events" in cmd:
+                group = "events"
             elif (proc.info["name"] or "").startswith("postgres"):
                 group = "postgres"
             elif "redis-server" in (proc.info["name"] or ""):
@@ -183,6 +186,7 @@ class Bench:
             db_pool=POOL_PRESETS["local"],
             broker_url=self.redis.url(0),
             result_backend_url=self.redis.url(1),
+            cache_url=self.redis.url(2),
             api_keys=frozenset({API_KEY}),
         )
         self.engine = make_engine(self.settings, application_name="bench")
@@ -201,11 +205,16 @@ class Bench:
                     for n in range(PRODUCTS)
                 ],
             )
-        self.stack = Stack(
+        self.stack = Stack(  # the processes of the Procfile, a worker per lane
             self.settings,
             self.base / "logs",
             beat=True,
-            worker_concurrency=self.worker_concurrency,
+            events=True,
+            worker_specs=[
+                WorkerSpec("worker-saga", "saga.high", self.worker_concurrency),
+                WorkerSpec("worker-default", "default", 1),
+                WorkerSpec("worker-batch", "batch.low", 1, nice=10),
+            ],
             extra_env={"BENCH_TASKS": "1"},
             worker_events=self.events,
         )
@@ -355,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=2,
-        help="worker pool processes (the Procfile's SAGA_CONCURRENCY)",
+        default=3,
+        help="saga worker pool processes (the Procfile's SAGA_CONCURRENCY)",
     )
     parser.add_argument(
         "--no-events",
