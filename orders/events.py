@@ -85,6 +85,8 @@ class Tally:
     #: Orders that stopped at a gap, and the events held behind it.
     gaps: int = 0
     blocked: list[Event] = field(default_factory=list)
+    #: Where the consumer's checkpoint is after the pass (``consume`` only).
+    checkpoint: int | None = None
 
     def count(self, consumer: str) -> None:
         """Add to the metrics."""
@@ -202,6 +204,7 @@ def consume(engine: Engine, consumer: Consumer, *, limit: int = 500, hold: float
                 .where(_k.consumer == consumer.name)
                 .values(last_id=reached, updated_at=now)
             )
+        tally.checkpoint = reached
     if tally.gaps:
         GAPS.labels(consumer.name, "feed").inc(tally.gaps)
     tally.count(consumer.name)
@@ -245,6 +248,12 @@ def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int 
             total.applied,
         )
     return total
+
+
+def newest(engine: Engine) -> int:
+    """The id of the newest event (0 for none): one index lookup, to skip idle passes."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.max(_e.id), 0))).scalar_one())
 
 
 def lag(engine: Engine, consumer_name: str) -> int:

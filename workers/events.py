@@ -30,7 +30,7 @@ from config.logs import configure_logging
 from config.settings import Settings, load_settings
 from orders.cache import Caches
 from orders.db import make_engine
-from orders.events import Consumer, consume, lag
+from orders.events import Consumer, consume, lag, newest
 from orders.projections import event_consumers
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,22 @@ LAG = Gauge("orders_consumer_lag_events", "Events written but not yet applied.",
 def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop: Any) -> None:
     """Consume until ``stop`` (a threading.Event) is set."""
     failing: dict[str, float] = {}
+    #: Each consumer's checkpoint after its last pass: a consumer already at the newest
+    #: event is not given a transaction.
+    reached: dict[str, int] = {}
     measured = 0.0
     while not stop.is_set():
         busy = False
+        try:
+            last = newest(engine)
+        except Exception as exc:
+            logger.warning("events not read, trying again in 1 s: %r", exc)
+            stop.wait(1.0)
+            continue
         for consumer in consumers:
             if failing.get(consumer.name, 0.0) > time.monotonic():
+                continue
+            if reached.get(consumer.name, -1) >= last:
                 continue
             try:
                 tally = consume(engine, consumer, limit=BATCH, hold=settings.events_hold_seconds)
@@ -57,6 +68,8 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
                 failing[consumer.name] = time.monotonic() + 1.0
                 continue
             failing.pop(consumer.name, None)
+            if tally.checkpoint is not None:
+                reached[consumer.name] = tally.checkpoint
             busy = busy or tally.read >= BATCH
         if time.monotonic() - measured > 1.0:
             measured = time.monotonic()
