@@ -178,10 +178,22 @@ def _deliver(conn: Connection, consumer: Consumer, events: Sequence[Event]) -> T
     return tally
 
 
-def consume(engine: Engine, consumer: Consumer, *, limit: int = 500, hold: float = 5.0) -> Tally:
+def consume(
+    engine: Engine,
+    consumer: Consumer,
+    *,
+    limit: int = 500,
+    hold: float = 5.0,
+    seen: dict[int, datetime] | None = None,
+) -> Tally:
     """Read the feed after the checkpoint and deliver it; move the checkpoint past what
     was read, but not past a recent hole or a recently blocked event. Returns an empty
-    tally when another instance of the consumer is at work."""
+    tally when another instance of the consumer is at work.
+
+    An event waits (the checkpoint stays below it) while it was written less than
+    ``hold`` seconds ago; with ``seen`` (kept by the caller from pass to pass) also while
+    this consumer first saw it waiting less than ``hold`` ago, whatever its time stamp
+    says (a transaction may stamp its event, then wait on a lock, then commit)."""
     now = datetime.now(UTC)
     with transaction(engine) as conn:
         checkpoint = _lock_checkpoint(conn, consumer.name, wait=False)
@@ -195,9 +207,12 @@ def consume(engine: Engine, consumer: Consumer, *, limit: int = 500, hold: float
         reached = checkpoint
         for event in events:
             waiting = event.id in blocked or event.id != reached + 1
-            if waiting and event.occurred_at > recent:
+            if waiting and _recent(event, recent, now, seen):
                 break
             reached = event.id
+        if seen:
+            for passed in [i for i in seen if i <= reached]:
+                del seen[passed]
         if reached != checkpoint:
             conn.execute(
                 update(consumer_checkpoints)
@@ -209,6 +224,14 @@ def consume(engine: Engine, consumer: Consumer, *, limit: int = 500, hold: float
         GAPS.labels(consumer.name, "feed").inc(tally.gaps)
     tally.count(consumer.name)
     return tally
+
+
+def _recent(
+    event: Event, recent: datetime, now: datetime, seen: dict[int, datetime] | None
+) -> bool:
+    if event.occurred_at > recent:
+        return True
+    return seen is not None and seen.setdefault(event.id, now) > recent
 
 
 def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int = 1000) -> Tally:
@@ -248,6 +271,29 @@ def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int 
             total.applied,
         )
     return total
+
+
+class CheckFailed(Exception):
+    """The integrity check failed for some consumers (the others were checked)."""
+
+
+def check_all(
+    engine: Engine, consumers: Sequence[Consumer], *, hold: float = 5.0
+) -> dict[str, int]:
+    """The integrity check of every consumer; one failing (its cache down, say) does not
+    keep the others from being repaired. Returns the events applied per consumer; raises
+    CheckFailed, after checking the others, when some failed."""
+    applied: dict[str, int] = {}
+    failed: list[str] = []
+    for consumer in consumers:
+        try:
+            applied[consumer.name] = repair(engine, consumer, hold=hold).applied
+        except Exception:
+            logger.exception("integrity check of %s failed", consumer.name)
+            failed.append(consumer.name)
+    if failed:
+        raise CheckFailed(f"integrity check failed for {', '.join(failed)}; applied {applied}")
+    return applied
 
 
 def newest(engine: Engine) -> int:

@@ -36,6 +36,8 @@ NAMING_CONVENTION = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 Money = Numeric(14, 2)
+#: Sums of many amounts (a read model's running totals).
+Total = Numeric(38, 2)
 
 customers = Table(
     "customers",
@@ -198,7 +200,7 @@ customer_order_summaries = Table(
     Column("orders_placed", Integer, nullable=False, server_default="0"),
     Column("orders_confirmed", Integer, nullable=False, server_default="0"),
     Column("orders_cancelled", Integer, nullable=False, server_default="0"),
-    Column("placed_total", Money, nullable=False, server_default="0"),
-    Column("confirmed_total", Money, nullable=False, server_default="0"),
+    Column("placed_total", Total, nullable=False, server_default="0"),
+    Column("confirmed_total", Total, nullable=False, server_default="0"),
     Column("last_order_at", DateTime(timezone=True)),
 )

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Gauge, start_http_server
@@ -47,6 +48,8 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
     #: Each consumer's checkpoint after its last pass: a consumer already at the newest
     #: event is not given a transaction.
     reached: dict[str, int] = {}
+    #: Per consumer, when it first saw each event it is holding back (see ``consume``).
+    seen: dict[str, dict[int, datetime]] = {consumer.name: {} for consumer in consumers}
     measured = 0.0
     while not stop.is_set():
         busy = False
@@ -62,15 +65,25 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
             if reached.get(consumer.name, -1) >= last:
                 continue
             try:
-                tally = consume(engine, consumer, limit=BATCH, hold=settings.events_hold_seconds)
+                tally = consume(
+                    engine,
+                    consumer,
+                    limit=BATCH,
+                    hold=settings.events_hold_seconds,
+                    seen=seen[consumer.name],
+                )
             except Exception as exc:
                 logger.warning("consumer %s failed, trying again in 1 s: %r", consumer.name, exc)
                 failing[consumer.name] = time.monotonic() + 1.0
                 continue
             failing.pop(consumer.name, None)
-            if tally.checkpoint is not None:
-                reached[consumer.name] = tally.checkpoint
-            busy = busy or tally.read >= BATCH
+            if tally.checkpoint is None:
+                continue
+            # A full batch that moved the checkpoint: more is waiting, read on at once.
+            # (A full batch held behind a hole is read again after the poll interval.)
+            moved = tally.checkpoint != reached.get(consumer.name)
+            reached[consumer.name] = tally.checkpoint
+            busy = busy or (tally.read >= BATCH and moved)
         if time.monotonic() - measured > 1.0:
             measured = time.monotonic()
             for consumer in consumers:

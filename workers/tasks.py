@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import names
 from config.schedules import window_key
-from orders.events import repair
+from orders.events import check_all
 from orders.projections import event_consumers
 from sagas import runner
 from sagas.engine import STEP_FAILED
@@ -75,10 +75,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     def check_events() -> dict[str, int]:
         """The integrity check: every consumer's positions against the event log."""
         hold = runtime.settings.events_hold_seconds
-        return {
-            consumer.name: repair(runtime.engine, consumer, hold=hold).applied
-            for consumer in event_consumers(runtime.caches)
-        }
+        return check_all(runtime.engine, event_consumers(runtime.caches), hold=hold)
 
     _register_batch_tasks(app, runtime, base)
     if runtime.settings.test_tasks:

@@ -4,12 +4,15 @@ through duplicates, reordering and holes, with the integrity check filling the h
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
-from sqlalchemy import Connection, Engine, select
+import pytest
+from sqlalchemy import Connection, Engine, select, update
 
 from orders import events, queries, services
 from orders.domain import OrderLine, PlaceOrder
@@ -164,3 +167,93 @@ def test_the_feed_does_not_pass_an_event_whose_transaction_has_not_committed(
     events.consume(engine, recorder, hold=60)  # the checkpoint waited below it
     assert recorder.applied == [(fast, 1), (late, 1)]
     assert events.consume(engine, recorder, hold=60).applied == 0
+
+
+def test_a_customers_summary_adds_up_orders_of_the_largest_size(engine: Engine) -> None:
+    customer = add_customer(engine, limit="100.00")
+    product = add_product(engine, on_hand=1000, price="9999999999.99")
+    largest = [place(engine, customer, product, 100) for _ in range(3)]
+    summaries = CustomerSummaries()
+    log = log_of(engine, *largest)
+    events.deliver(engine, summaries, log[largest[0]])
+    done = events.deliver(engine, summaries, [e for order in log.values() for e in order])
+    assert done.applied == 2 and done.duplicates == 1
+    summary = queries.customer_summary(engine, customer)
+    assert summary is not None
+    assert (summary.orders_placed, summary.placed_total) == (3, Decimal("2999999999997.00"))
+
+
+def test_a_hole_is_held_from_when_the_consumer_first_saw_it_not_from_its_neighbours_clock(
+    engine: Engine,
+) -> None:
+    """A transaction that waited (a lock, a slow client) before writing its event leaves
+    a hole next to events stamped earlier: the consumer still holds the hole for ``hold``
+    from when it first saw it."""
+    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=5)
+    recorder = Recorder(set())
+    events.consume(engine, recorder, limit=1_000_000, hold=0)  # the log so far
+
+    held = HeldOpen()
+    slow_id: list[UUID] = []
+    slow = threading.Thread(
+        target=lambda: slow_id.append(
+            services.place_order(
+                engine, PlaceOrder(customer, (OrderLine(product, 1),), client="t"), held
+            ).order_id
+        )
+    )
+    slow.start()
+    seen: dict[int, datetime] = {}
+    try:
+        assert held.inside.wait(10)
+        fast = place(engine, customer, product)  # after the hole, stamped an hour ago
+        recorder.watched.add(fast)
+        with engine.begin() as conn:
+            conn.execute(
+                update(order_events)
+                .where(order_events.c.order_id == fast)
+                .values(occurred_at=datetime.now(UTC) - timedelta(hours=1))
+            )
+        first = events.consume(engine, recorder, hold=0.5, seen=seen)
+        assert recorder.applied == [(fast, 1)]
+        assert first.checkpoint is not None
+        assert first.checkpoint < log_of(engine, fast)[fast][0].id  # held below the hole
+        # Polled again and again within the hold, the checkpoint stays below the hole.
+        for _ in range(3):
+            assert events.consume(engine, recorder, hold=60, seen=seen).checkpoint == (
+                first.checkpoint
+            )
+        # Past the hold it moves on (the integrity check then covers what it passed).
+        deadline = time.monotonic() + 10
+        while events.consume(engine, recorder, hold=0.5, seen=seen).checkpoint == (
+            first.checkpoint
+        ):
+            assert time.monotonic() < deadline, "the checkpoint never passed the hole"
+            time.sleep(0.05)
+    finally:
+        held.release.set()
+        slow.join(10)
+    (late,) = slow_id
+    recorder.watched.add(late)
+    events.consume(engine, recorder, hold=60, seen=seen)
+    assert (late, 1) not in recorder.applied  # the feed passed it
+    events.repair(engine, recorder, hold=0)
+    assert recorder.applied == [(fast, 1), (late, 1)]
+
+
+class Broken(Recorder):
+    """A consumer whose effect cannot be applied (its cache is down, say)."""
+
+    def apply(self, conn: Connection, batch: Sequence[Event]) -> None:
+        raise ConnectionError("cache down")
+
+
+def test_one_consumer_failing_its_integrity_check_does_not_keep_the_others_behind(
+    engine: Engine,
+) -> None:
+    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=5)
+    behind = place(engine, customer, product)
+    recorder = Recorder({behind})
+    with pytest.raises(events.CheckFailed, match=r"check failed for test-"):
+        events.check_all(engine, [Broken(set()), recorder], hold=0)
+    assert recorder.applied == [(behind, 1)]
