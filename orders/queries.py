@@ -212,6 +212,7 @@ def customer_orders(
         )
         if not known:
             return None
+        more = len(rows) > limit
         rows = rows[:limit]
         lines: dict[UUID, list[LineView]] = {row.id: [] for row in rows}
         if rows:
@@ -243,7 +244,6 @@ def customer_orders(
         )
         for row in rows
     )
-    more = len(rows) == limit and limit > 0
     return OrderPage(views, (views[-1].created_at, views[-1].order_id) if more and views else None)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from uuid import UUID
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from orders import queries
 from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
@@ -83,20 +83,29 @@ class Reader:
             CREDIT, customer_id, lambda: self._load_credit(customer_id), figures_of
         )
 
-    def credit_shortfall(self, customer_id: str, amount: Decimal) -> Decimal | None:
-        """The credit pre-check: None when the customer's available credit covers
-        ``amount``, else what is available. The cache answers yes; a no is confirmed in
-        PostgreSQL first (a stale cache never refuses an order)."""
-        figures = self.credit(customer_id)
-        if figures is not None and figures.available >= amount:
-            return None
-        figures = self._load_credit(customer_id)
+    def credit_shortfall(
+        self, conn: Connection, customer_id: str, amount: Decimal
+    ) -> Decimal | None:
+        """The credit pre-check, in the order's transaction (``conn``): None when the
+        customer's available credit covers ``amount``, else what is available. The
+        cache answers yes; a miss or a no is read in PostgreSQL on ``conn`` (a stale
+        cache never refuses an order, and the check takes no second connection)."""
+        if self.caches is not None:
+            hit = self.caches.get(CREDIT, [customer_id]).get(customer_id)
+            if hit is not None and figures_of(hit).available >= amount:
+                return None
+        figures = self._load_credit(customer_id, conn)
         if figures is None or figures.available >= amount:
             return None  # an unknown customer is refused by the order's own checks
         return figures.available
 
-    def _load_credit(self, customer_id: str) -> CreditFigures | None:
-        with self.engine.connect() as conn:
+    def _load_credit(
+        self, customer_id: str, conn: Connection | None = None
+    ) -> CreditFigures | None:
+        if conn is None:
+            with self.engine.connect() as own:
+                found = credit_figures(own, [customer_id])
+        else:
             found = credit_figures(conn, [customer_id])
         if found and self.caches is not None:
             self.caches.put(CREDIT, {customer_id: credit_entry(found[0])})

@@ -163,12 +163,13 @@ def place_order(
     engine: Engine,
     cmd: PlaceOrder,
     starter: SagaStarter,
-    precheck: Callable[[str, Decimal], Decimal | None] | None = None,
+    precheck: Callable[[Connection, str, Decimal], Decimal | None] | None = None,
 ) -> Accepted:
     """Accept an order and start its saga.
 
-    ``precheck`` (the credit pre-check) returns the customer's available credit when it
-    cannot cover the order's total, None when it can; the order is then refused with
+    ``precheck`` (the credit pre-check, given this transaction's connection) returns the
+    customer's available credit when it cannot cover the order's total, None when it
+    can; the order is then refused with
     CreditPrecheckError. The saga's reservation still decides for the orders it lets by.
 
     The order, its lines, its first event and the saga's outbox entry commit in one
@@ -189,7 +190,10 @@ def place_order(
                 "the order's total is larger than an order can hold",
                 [{"loc": "lines", "msg": f"total {total} exceeds {MAX_AMOUNT}"}],
             )
-        if precheck is not None and (available := precheck(cmd.customer_id, total)) is not None:
+        if (
+            precheck is not None
+            and (available := precheck(conn, cmd.customer_id, total)) is not None
+        ):
             raise CreditPrecheckError(
                 "the customer's available credit does not cover the order",
                 [{"loc": "customer_id", "msg": f"total {total}, available {available}"}],

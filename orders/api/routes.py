@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +25,7 @@ from config.settings import Settings
 from orders import queries, services
 from orders.api.auth import require_api_key
 from orders.api.schemas import (
+    REF_PATTERN,
     AcceptedOut,
     CreditOut,
     CustomerOrdersOut,
@@ -47,6 +49,10 @@ MAX_IDEMPOTENCY_KEY = 255
 MAX_STATUS_IDS = 100
 #: Orders per page of a customer's orders: by default, and at most.
 PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+
+
+#: A customer id in a path: what a Ref may be (anything else names no customer).
+_REF = re.compile(REF_PATTERN)
 
 
 def orders_blueprint(
@@ -121,6 +127,9 @@ def customers_blueprint(settings: Settings, engine: Engine, reader: Reader) -> B
     @bp.before_request
     def authenticate() -> None:
         require_api_key(settings.api_keys)
+        customer_id = (request.view_args or {}).get("customer_id", "")
+        if not _REF.fullmatch(customer_id):
+            raise NotFound(f"no customer {customer_id!r}")
 
     @bp.get("/<customer_id>/orders")
     def customer_orders(customer_id: str) -> Response:

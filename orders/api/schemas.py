@@ -9,7 +9,8 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 #: Customer and product ids: letters, digits and ``. _ : -``, up to 64 characters.
-Ref = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 #: Amounts of money travel as decimal strings ("12.50"), never as JSON numbers.
 MoneyText = Annotated[str, Field(pattern=r"^-?\d+\.\d{2}$", examples=["12.50"])]
 

@@ -162,7 +162,16 @@ def test_pages_of_a_customers_orders_are_newest_first_and_follow_each_other(
         seen += [order["order_id"] for order in page["orders"]]
         link = page["next"]
     assert seen == [str(order_id) for order_id in reversed(placed)]
-    assert client.get("/customers/nobody/orders", headers=AUTH).status_code == 404
+    # A page that ends exactly at the last order links to no empty page after it.
+    first = client.get(f"/customers/{customer}/orders?limit=50", headers=AUTH).json
+    last = client.get(first["next"], headers=AUTH).json
+    assert (len(last["orders"]), last["next"]) == (50, None)
+    assert client.get(f"/customers/{customer}/orders?limit=100", headers=AUTH).json["next"] is None
+    for nobody in ("nobody", "a%00b", "%20x", "x" * 65):
+        for view in ("orders", "summary", "credit"):
+            response = client.get(f"/customers/{nobody}/{view}", headers=AUTH)
+            assert response.status_code == 404, (nobody, view)
+            assert response.mimetype == "application/problem+json"
     for bad in ("limit=0", "limit=101", "limit=x", "after=garbage"):
         response = client.get(f"/customers/{customer}/orders?{bad}", headers=AUTH)
         assert response.status_code == 400, bad
@@ -348,3 +357,17 @@ def test_the_credit_precheck_refuses_what_credit_cannot_cover_and_never_on_a_sta
     stale = Entry(10**9, {**_credit_of(customer), "available": "0.00", "used": "100.00"})
     caches.put(CREDIT, {customer: stale})
     assert order(5).status_code == 202
+
+    # The check reads PostgreSQL in the order's own transaction: an API whose pool has
+    # one connection still answers (a second connection would wait, then fail).
+    one = replace(settings, db_pool=replace(settings.db_pool, pool_size=1, max_overflow=0))
+    narrow = make_engine(one, application_name="orders-reads-tests-narrow")
+    try:
+        single = make_app(replace(one, credit_precheck=True), narrow, caches).test_client()
+        caches.redis.delete(f"orders:cache:credit:{customer}")
+        body = {"customer_id": customer, "lines": [{"product_id": product, "quantity": 11}]}
+        refused = single.post("/orders", json=body, headers=AUTH)  # 110.00 of 100.00
+        assert refused.status_code == 422, refused.json
+        assert "available 100.00" in str(refused.json["errors"])
+    finally:
+        narrow.dispose()
