@@ -11,29 +11,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Connection, Numeric, String, Update, bindparam, func, select, update
+from sqlalchemy import Connection, Numeric, String, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from orders.tables import customers
 
 _c = customers.c
 _amount = bindparam("amount", type_=Numeric(14, 2))
+#: A customer's figures, as CreditFigures takes them.
+FIGURES = (_c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version)
 
 _RESERVE = (
     update(customers)
     .where(_c.id == bindparam("account"))
     .where(_c.credit_limit - _c.credit_used - _c.credit_reserved >= _amount)
     .values(credit_reserved=_c.credit_reserved + _amount, credit_version=_c.credit_version + 1)
-    .returning(_c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version)
+    .returning(*FIGURES)
 )
 _RELEASE = (
     update(customers)
     .where(_c.id == bindparam("account"))
     .values(credit_reserved=_c.credit_reserved - _amount, credit_version=_c.credit_version + 1)
+    .returning(*FIGURES)
 )
-_FIGURES = select(
-    _c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version
-).where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
+_FIGURES = select(*FIGURES).where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
 #: A reservation becomes credit used; used by ``orders.services.confirm_order`` inside
 #: its single statement.
 COMMIT = (
@@ -76,12 +77,9 @@ def credit_figures(conn: Connection, customer_ids: Sequence[str]) -> list[Credit
     return [CreditFigures(*row) for row in rows]
 
 
-def release_credit(conn: Connection, customer_id: str, amount: Decimal) -> None:
-    """Give a reservation back (compensation)."""
-    _adjust(conn, _RELEASE, customer_id, amount)
-
-
-def _adjust(conn: Connection, statement: Update, customer_id: str, amount: Decimal) -> None:
-    done = conn.execute(statement, {"account": customer_id, "amount": amount})
-    if done.rowcount != 1:
+def release_credit(conn: Connection, customer_id: str, amount: Decimal) -> CreditFigures:
+    """Give a reservation back (compensation); the new figures."""
+    row = conn.execute(_RELEASE, {"account": customer_id, "amount": amount}).first()
+    if row is None:
         raise LookupError(f"no customer {customer_id!r}")
+    return CreditFigures(*row)

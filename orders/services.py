@@ -140,12 +140,14 @@ _MOVE = (
 #: Confirmation in one statement: stock and credit committed, status moved, event
 #: appended; it reports how many products and customers it touched, and the event.
 _stock_committed = inventory.COMMIT.returning(products.c.id).cte("stock_committed")
-_credit_committed = credit.COMMIT.returning(customers.c.id).cte("credit_committed")
+_credit_committed = credit.COMMIT.returning(*credit.FIGURES).cte("credit_committed")
 _confirmed = _MOVE.cte("confirmed")
 _CONFIRM = select(
     select(func.count()).select_from(_stock_committed).scalar_subquery().label("stock"),
     select(func.count()).select_from(_credit_committed).scalar_subquery().label("credit"),
     select(_confirmed.c.seq).scalar_subquery().label("seq"),
+    # The customer's new credit figures (for the credit cache).
+    *(select(c).scalar_subquery().label(c.name) for c in _credit_committed.c),
 )
 
 
@@ -231,9 +233,10 @@ def place_order(
 
 def confirm_order(
     conn: Connection, order_id: UUID, lines: Lines, customer_id: str, amount: Decimal
-) -> None:
+) -> credit.CreditFigures:
     """Confirm a pending order: its reserved stock and credit become stock gone and
-    credit used, its status CONFIRMED, its event OrderConfirmed; one statement."""
+    credit used, its status CONFIRMED, its event OrderConfirmed; one statement. Returns
+    the customer's new credit figures."""
     done = conn.execute(
         _CONFIRM,
         {
@@ -250,6 +253,9 @@ def confirm_order(
         raise LookupError(
             f"order {order_id}: confirmation touched {done.stock} products, {done.credit} customers"
         )
+    return credit.CreditFigures(
+        done.id, done.credit_limit, done.credit_used, done.credit_reserved, done.credit_version
+    )
 
 
 def cancel_order(conn: Connection, order_id: UUID, reason: CancelReason | str) -> None:

@@ -49,9 +49,14 @@ class OrderSaga:
     definition = ORDER_SAGA
 
     def __init__(self, on_credit: Callable[[CreditFigures], None] | None = None) -> None:
-        #: Told a customer's new credit figures once a reservation commits (the credit
-        #: cache's write-through).
+        #: Told a customer's new credit figures once a change of them commits (a
+        #: reservation, its release, its use at confirmation): the credit cache's
+        #: write-through.
         self.on_credit = on_credit
+
+    def _credit_changed(self, conn: Connection, figures: CreditFigures) -> None:
+        if self.on_credit is not None:
+            after_commit(conn, partial(self.on_credit, figures))
 
     def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
         """Reserve the stock or the credit; the refusal reason when there is not enough."""
@@ -62,8 +67,7 @@ class OrderSaga:
         if step == RESERVE_CREDIT:
             figures = credit.reserve_credit(conn, _customer(payload), _amount(payload))
             if figures is not None:
-                if self.on_credit is not None:
-                    after_commit(conn, partial(self.on_credit, figures))
+                self._credit_changed(conn, figures)
                 return None
             return CancelReason.CREDIT_LIMIT_EXCEEDED.value
         raise ValueError(f"the order saga has no step {step!r}")
@@ -73,15 +77,17 @@ class OrderSaga:
         if step == RESERVE_STOCK:
             inventory.release_stock(conn, _lines(payload))
         elif step == RESERVE_CREDIT:
-            credit.release_credit(conn, _customer(payload), _amount(payload))
+            figures = credit.release_credit(conn, _customer(payload), _amount(payload))
+            self._credit_changed(conn, figures)
         else:
             raise ValueError(f"the order saga has no step {step!r}")
 
     def confirm(self, conn: Connection, payload: Mapping[str, Any]) -> None:
         """Turn both reservations into stock gone and credit used; confirm the order."""
-        services.confirm_order(
+        figures = services.confirm_order(
             conn, UUID(payload["order_id"]), _lines(payload), _customer(payload), _amount(payload)
         )
+        self._credit_changed(conn, figures)
 
     def cancel(self, conn: Connection, payload: Mapping[str, Any], reason: str) -> None:
         """Cancel the order with the reason."""

@@ -168,7 +168,7 @@ def _complete_once(
     abort_missing: str | None,
     cancel_reason: str | None = None,
 ) -> Completion:
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         locked = store.lock_saga(conn, saga_id)
         if locked is None:
             raise LookupError(f"no saga {saga_id}")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,7 +27,7 @@ from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.projections import CacheRefresher
 from sagas import runner
-from sagas.order import RESERVE_CREDIT, OrderSaga
+from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from scripts.services import LocalRedis
 from tests.conftest import API_KEY, Servers
 from tests.fakes import RecordingLauncher
@@ -210,7 +211,7 @@ def test_an_event_refreshes_the_cached_status_and_a_late_fill_cannot_bring_the_o
     assert caches.redis.pttl(f"orders:cache:order:{order_id}") == -1
 
 
-def test_credit_is_written_through_by_the_reservation_and_refreshed_by_events(
+def test_credit_is_written_through_by_every_change_of_it(
     settings: Settings, reads_engine: Engine, caches: Caches
 ) -> None:
     customer = add_customer(reads_engine, limit="100.00")
@@ -224,12 +225,35 @@ def test_credit_is_written_through_by_the_reservation_and_refreshed_by_events(
 
     saga = OrderSaga(on_credit=write_through)
     product = add_product(reads_engine, on_hand=5)
-    cmd = PlaceOrder(customer, (OrderLine(product, 3),), client="tests")
-    accepted = services.place_order(reads_engine, cmd, RecordingLauncher())
-    payload = {"order_id": str(accepted.order_id), "customer_id": customer, "amount": "30.00"}
-    runner.run_step(reads_engine, saga, accepted.saga_id, RESERVE_CREDIT, payload)
-    body = client.get(credit, headers=AUTH).json
-    assert (body["reserved"], body["available"]) == ("30.00", "70.00")  # no query needed
+
+    def saga_of(quantity: int) -> tuple[UUID, dict[str, Any]]:
+        cmd = PlaceOrder(customer, (OrderLine(product, quantity),), client="tests")
+        accepted = services.place_order(reads_engine, cmd, RecordingLauncher())
+        payload = {
+            "order_id": str(accepted.order_id),
+            "customer_id": customer,
+            "amount": f"{10 * quantity}.00",
+            "lines": [[product, quantity]],
+        }
+        return accepted.saga_id, payload
+
+    def figures() -> tuple[str, str, str]:
+        body = client.get(credit, headers=AUTH).json  # from the cache: no event applied
+        return body["used"], body["reserved"], body["available"]
+
+    confirmed, payload = saga_of(3)
+    runner.run_step(reads_engine, saga, confirmed, RESERVE_CREDIT, payload)
+    assert figures() == ("0.00", "30.00", "70.00")  # the reservation
+    runner.run_step(reads_engine, saga, confirmed, RESERVE_STOCK, payload)
+    runner.complete(reads_engine, saga, confirmed, retry_after=timedelta(seconds=1))
+    assert figures() == ("30.00", "0.00", "70.00")  # the confirmation
+
+    cancelled, payload = saga_of(6)  # 6 of 5 in stock: refused, the credit released
+    runner.run_step(reads_engine, saga, cancelled, RESERVE_CREDIT, payload)
+    assert figures() == ("30.00", "60.00", "10.00")
+    runner.run_step(reads_engine, saga, cancelled, RESERVE_STOCK, payload)
+    runner.complete(reads_engine, saga, cancelled, retry_after=timedelta(seconds=1))
+    assert figures() == ("30.00", "0.00", "70.00")  # the release
 
     assert client.get("/customers/nobody/credit", headers=AUTH).status_code == 404
 
