@@ -15,12 +15,12 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, Numeric, String, bindparam, func, select
+from sqlalchemy import Connection, String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orders.domain import OrderStatus
-from orders.tables import credit_reviews, customers, orders
+from orders.tables import Total, credit_reviews, customers, orders
 
 _c, _o = customers.c, orders.c
 _confirmed = (
@@ -40,8 +40,8 @@ _READ = (
         _c.credit_limit,
         _c.credit_used,
         _c.credit_reserved,
-        func.coalesce(_confirmed, 0).cast(Numeric(14, 2)).label("confirmed"),
-        func.coalesce(_open, 0).cast(Numeric(14, 2)).label("open"),
+        func.coalesce(_confirmed, 0).cast(Total).label("confirmed"),
+        func.coalesce(_open, 0).cast(Total).label("open"),
     )
     .where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
     .order_by(_c.id)
