@@ -7,8 +7,13 @@ invalidating event:
   events (orders.projections).
 - ``order:<order>``: a confirmed or cancelled order with its lines, no TTL; only final
   orders are cached, and the order's events remove it.
-- ``credit:<customer>``: a customer's credit figures, TTL 300 s; written through by the
-  credit reservation and refreshed by the events of confirmation and cancellation.
+- ``credit:<customer>``: a customer's credit figures, TTL 300 s; written through by every
+  change of them (reservation, release, confirmation) once it commits, and refreshed by
+  the events of confirmation and cancellation.
+
+Final orders' details have no TTL: the cache's Redis must evict (``maxmemory`` with an
+``allkeys-*`` policy; ``make run`` and docker-compose.yml give the caches a Redis of
+their own that does). ``eviction_warning`` tells when it does not.
 
 Every value carries the version it was read at (the order's event seq, the customer's
 credit version) and a write never replaces a newer value (one Lua script), so a slow
@@ -95,6 +100,22 @@ class Caches:
         self.ttl_ms = {STATUS: int(status_ttl * 1000), DETAILS: 0, CREDIT: int(credit_ttl * 1000)}
         self.pause_after_failure = pause_after_failure
         self._down_until = 0.0
+
+    def eviction_warning(self) -> str | None:
+        """What is wrong with the cache's Redis for the details cache (keys without a
+        TTL grow with every final order read), or None when it evicts by itself."""
+        try:
+            memory: Any = self.redis.info("memory")
+        except RedisError as exc:
+            return f"the cache's Redis cannot be asked its eviction policy: {exc!r}"
+        policy = str(memory.get("maxmemory_policy", ""))
+        if int(memory.get("maxmemory", 0)) > 0 and policy.startswith("allkeys-"):
+            return None
+        return (
+            f"the cache's Redis evicts nothing (maxmemory {memory.get('maxmemory', 0)}, "
+            f"policy {policy or 'unknown'}): cached order details have no TTL and will grow;"
+            " give CACHE_URL a Redis with maxmemory and maxmemory-policy allkeys-lru"
+        )
 
     # -- reads -------------------------------------------------------------------------
 

@@ -242,16 +242,19 @@ def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int 
     settled_before = datetime.now(UTC) - timedelta(seconds=hold)
     total = Tally()
     while True:
-        with transaction(engine) as conn:
-            _lock_checkpoint(conn, consumer.name, wait=True)
+        # Found without the checkpoint's lock (a scan of the orders: the feed goes on
+        # meanwhile); the positions are read again under the lock by _deliver.
+        with engine.connect() as conn:
             behind = dict(
                 conn.execute(
                     _BEHIND,
                     {"consumer": consumer.name, "settled_before": settled_before, "n": batch},
                 ).all()
             )
-            if not behind:
-                break
+        if not behind:
+            break
+        with transaction(engine) as conn:
+            _lock_checkpoint(conn, consumer.name, wait=True)
             rows = conn.execute(_LOG_OF, {"ids": list(behind)}).all()
             missing = [Event(*row) for row in rows if row.seq > behind[row.order_id]]
             tally = _deliver(conn, consumer, missing)

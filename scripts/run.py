@@ -1,6 +1,7 @@
 """``make run``: the whole system on this machine with local defaults.
 
-Starts PostgreSQL and Redis on 127.0.0.1 (data in ``.run/``), migrates the schema, seeds
+Starts PostgreSQL, Redis (the broker) and a second Redis for the caches on 127.0.0.1
+(data in ``.run/``), migrates the schema, seeds
 demo products and customers, then runs the Procfile (API, saga worker, beat, Flower)
 under honcho. Ctrl-C stops everything, the servers included.
 """
@@ -48,11 +49,16 @@ def main() -> int:
     keys = _secrets()
     pg = LocalPostgres(RUN_DIR, _port(5432))
     redis = LocalRedis(RUN_DIR, _port(6379), password=keys["redis_password"], appendonly=True)
+    # The caches' own Redis: bounded, least recently used keys evicted, nothing persisted.
+    cache = LocalRedis(
+        RUN_DIR, _port(6380), password=keys["redis_password"], name="cache", maxmemory="128mb"
+    )
     api_port, flower_port, metrics_port = _port(8000), _port(5555), _port(9808)
     env = {
         "APP_ENV": "local",
         "DATABASE_URL": pg.url(),
         "REDIS_URL": redis.url(0),
+        "CACHE_URL": cache.url(0),
         "API_KEYS": keys["api_key"],
         "ADMIN_API_KEYS": keys.get("admin_key", secrets.token_urlsafe(24)),
         "API_PORT": str(api_port),
@@ -68,6 +74,7 @@ def main() -> int:
     pg.start()
     try:
         redis.start()
+        cache.start()
         pg.create_database("orders")
         subprocess.run(
             [str(BIN / "alembic"), "upgrade", "head"], cwd=ROOT, env=process_env, check=True
@@ -105,6 +112,7 @@ def main() -> int:
         code = honcho.wait()
         return 0 if stopping else code
     finally:
+        cache.stop()
         redis.stop()
         pg.stop()
 

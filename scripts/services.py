@@ -175,13 +175,23 @@ class LocalRedis:
     """A redis-server in ``base/redis``, on 127.0.0.1 only, with a password."""
 
     def __init__(
-        self, base: Path, port: int | None = None, *, password: str, appendonly: bool = False
+        self,
+        base: Path,
+        port: int | None = None,
+        *,
+        password: str,
+        appendonly: bool = False,
+        name: str = "redis",
+        maxmemory: str | None = None,
     ) -> None:
         self.base = base
-        self.dir = base / "redis"
+        self.dir = base / name
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        #: With a limit, the least recently used keys are evicted past it (a cache);
+        #: without, nothing is ever evicted (a broker).
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -198,7 +208,12 @@ class LocalRedis:
             f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\n"
             f'requirepass {self.password}\ndir {self.dir}\nsave ""\n'
             f"appendonly {'yes' if self.appendonly else 'no'}\n"
-            "maxmemory-policy noeviction\nlogfile redis.log\ndatabases 64\n"
+            + (
+                f"maxmemory {self.maxmemory}\nmaxmemory-policy allkeys-lru\n"
+                if self.maxmemory
+                else "maxmemory-policy noeviction\n"
+            )
+            + "logfile redis.log\ndatabases 64\n"
         )
         conf = self.dir / "redis.conf"
         conf.write_text(config)

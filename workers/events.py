@@ -107,6 +107,8 @@ def main() -> None:
         if settings.cache_url
         else None
     )
+    if caches is not None and (warning := caches.eviction_warning()) is not None:
+        logger.warning("%s", warning)
     consumers = event_consumers(caches)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, event
 from config.settings import Settings
 from orders import events, services
 from orders.api import create_app
-from orders.cache import CREDIT, STATUS, Caches, Entry
+from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
 from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.projections import CacheRefresher
@@ -71,7 +71,9 @@ def statements(reads_engine: Engine) -> Statements:
 @pytest.fixture(scope="module")
 def cache_server(servers: Servers) -> Iterator[LocalRedis]:
     """A Redis of the caches' own, which a test may stop."""
-    redis = LocalRedis(Path(servers.base, "cache-redis"), password="cache-tests")
+    redis = LocalRedis(
+        Path(servers.base), password="cache-tests", name="cache-redis", maxmemory="64mb"
+    )
     redis.start()
     yield redis
     redis.stop()
@@ -395,3 +397,32 @@ def test_the_credit_precheck_refuses_what_credit_cannot_cover_and_never_on_a_sta
         assert "available 100.00" in str(refused.json["errors"])
     finally:
         narrow.dispose()
+
+
+def test_the_details_cache_stays_within_its_redis_memory_and_a_broker_redis_is_reported(
+    servers: Servers, caches: Caches
+) -> None:
+    """Final orders' details have no TTL: the caches' own Redis (as ``make run`` and
+    docker-compose.yml start it) evicts the least recently used; the broker's would not."""
+    assert caches.eviction_warning() is None
+    broker = Caches(servers.redis.url(0))
+    warning = broker.eviction_warning()
+    assert warning is not None and "allkeys-lru" in warning
+    broker.redis.close()
+
+    small = LocalRedis(Path(servers.base), password="small", name="small-cache", maxmemory="2mb")
+    small.start()
+    try:
+        cache = Caches(small.url(0))
+        line = {"product_id": "SKU-1", "quantity": 1, "unit_price": "10.00"}
+        for batch in range(40):  # about 8 MB of details, four times the limit
+            cache.put(
+                DETAILS,
+                {f"{batch}-{i}": Entry(1, {"lines": [line] * 4}) for i in range(500)},
+            )
+        memory = cache.redis.info("memory")
+        assert memory["used_memory"] <= 3 * 1024 * 1024  # the limit and Redis's own
+        assert cache.get(DETAILS, ["39-499"])["39-499"].value["lines"] == [line] * 4
+        cache.redis.close()
+    finally:
+        small.stop()

@@ -44,6 +44,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
     assert set(services) == {
         "postgres",
         "redis",
+        "cache",
         "migrate",
         "web",
         "worker-saga",
@@ -53,8 +54,12 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "beat",
         "flower",
     }
-    for store in ("postgres", "redis"):
+    for store in ("postgres", "redis", "cache"):
         assert services[store]["healthcheck"]["test"]
+    # The broker never evicts; the caches' Redis is bounded and evicts, and is used.
+    assert "noeviction" in services["redis"]["command"]
+    assert "--maxmemory-policy allkeys-lru" in services["cache"]["command"]
+    assert "@cache:6379/" in services["web"]["environment"]["CACHE_URL"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     for name in (
@@ -67,7 +72,8 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "flower",
     ):
         deps = services[name]["depends_on"]
-        assert deps["postgres"]["condition"] == deps["redis"]["condition"] == "service_healthy"
+        for store in ("postgres", "redis", "cache"):
+            assert deps[store]["condition"] == "service_healthy", (name, store)
         assert deps["migrate"]["condition"] == "service_completed_successfully"
     published = [port for s in services.values() for port in s.get("ports", [])]
     assert published and all(port.startswith("127.0.0.1:") for port in published)
