@@ -87,9 +87,20 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
 def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
     """The batch credit check: a start per schedule tick, and its chunks."""
 
-    @app.task(name=names.START_CREDIT_CHECK, base=base)
+    class StartTask(base):  # type: ignore[valid-type,misc]
+        abstract = True
+
+        def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+            """Beat sends the start through here: the tick is read now, when it is sent,
+            so that a start that waits in its lane still counts for its own tick."""
+            if not args and not (kwargs or {}).get("window"):
+                kwargs = {**(kwargs or {}), "window": window_key(runtime.settings)}
+            return super().apply_async(args, kwargs, **options)
+
+    @app.task(name=names.START_CREDIT_CHECK, base=StartTask)
     def start_credit_check(window: str | None = None) -> str | None:
-        """Start the run of this schedule tick (nothing if another beat did)."""
+        """Start the run of this schedule tick (nothing if another beat did). The window
+        comes with the message (read when beat sent it); without one, it is read now."""
         key = window or window_key(runtime.settings)
         run_id = batch.start_run(runtime.engine, app, runtime.settings, window=key)
         return str(run_id) if run_id else None

@@ -14,11 +14,13 @@ from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
+from celery.beat import ScheduleEntry, Scheduler
 from kombu.exceptions import OperationalError
 from redis import Redis
 from sqlalchemy import Engine, select, update
 
 from config import names
+from config.schedules import credit_check_schedule, window_key
 from config.settings import Settings
 from orders import services
 from orders.api import create_app
@@ -320,3 +322,29 @@ def test_the_admin_endpoints_need_an_operators_key(
             .scalar_one()
             .startswith("manual-")
         )
+
+
+def test_a_start_sent_by_beat_carries_the_tick_it_was_sent_in(broker: Settings) -> None:
+    """The run's window is read when beat sends the start, not when a worker gets to it:
+    a start held back in a busy lane past the next tick still counts for its own."""
+    hourly = replace(broker, credit_check_every_seconds=3600)
+    app = create_celery(hourly)  # as beat builds it
+    scheduler = Scheduler(app, lazy=True)
+    entry = ScheduleEntry(
+        name="credit-check",
+        task=names.START_CREDIT_CHECK,
+        schedule=credit_check_schedule(hourly),
+        app=app,
+    )
+    before = window_key(hourly)
+    scheduler.apply_async(entry)
+    after = window_key(hourly)
+    (sent,) = [
+        m for m in queued(hourly, names.DEFAULT_QUEUE) if m["task"] == names.START_CREDIT_CHECK
+    ]
+    assert sent["args"] == [] and sent["kwargs"]["window"] in {before, after}
+
+    # A start that names its window keeps it.
+    app.tasks[names.START_CREDIT_CHECK].apply_async(kwargs={"window": "manual-x"})
+    windows = [m["kwargs"]["window"] for m in queued(hourly, names.DEFAULT_QUEUE)]
+    assert windows[-1] == "manual-x"
