@@ -22,24 +22,20 @@ _COLUMNS = ("placed_total", "confirmed_total")
 
 
 def upgrade() -> None:
-    for column in _COLUMNS:
-        op.alter_column(
-            "customer_order_summaries",
-            column,
-            type_=sa.Numeric(38, 2),
-            existing_type=sa.Numeric(14, 2),
-            existing_nullable=False,
-            existing_server_default="0",
-        )
+    _retype(sa.Numeric(38, 2), sa.Numeric(14, 2))
 
 
 def downgrade() -> None:
+    _retype(sa.Numeric(14, 2), sa.Numeric(38, 2))
+
+
+def _retype(new: sa.Numeric, old: sa.Numeric) -> None:
     for column in _COLUMNS:
         op.alter_column(
             "customer_order_summaries",
             column,
-            type_=sa.Numeric(14, 2),
-            existing_type=sa.Numeric(38, 2),
+            type_=new,
+            existing_type=old,
             existing_nullable=False,
             existing_server_default="0",
         )

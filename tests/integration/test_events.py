@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
@@ -136,13 +137,10 @@ class HeldOpen(RecordingLauncher):
         assert self.release.wait(30)
 
 
-def test_the_feed_does_not_pass_an_event_whose_transaction_has_not_committed(
-    engine: Engine,
-) -> None:
-    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=5)
-    recorder = Recorder(set())
-    events.consume(engine, recorder, limit=1_000_000, hold=0)  # the log so far
-
+@contextmanager
+def order_held_open(engine: Engine, customer: str, product: str) -> Iterator[list[UUID]]:
+    """An order whose transaction has written its event (taken its id) and stays open
+    inside the block; after the block it commits, and the list holds its id."""
     held = HeldOpen()
     slow_id: list[UUID] = []
     slow = threading.Thread(
@@ -155,13 +153,24 @@ def test_the_feed_does_not_pass_an_event_whose_transaction_has_not_committed(
     slow.start()
     try:
         assert held.inside.wait(10)
+        yield slow_id
+    finally:
+        held.release.set()
+        slow.join(10)
+
+
+def test_the_feed_does_not_pass_an_event_whose_transaction_has_not_committed(
+    engine: Engine,
+) -> None:
+    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=5)
+    recorder = Recorder(set())
+    events.consume(engine, recorder, limit=1_000_000, hold=0)  # the log so far
+
+    with order_held_open(engine, customer, product) as slow_id:
         fast = place(engine, customer, product)  # written after, committed first
         recorder.watched.add(fast)
         events.consume(engine, recorder, hold=60)
         assert recorder.applied == [(fast, 1)]
-    finally:
-        held.release.set()
-        slow.join(10)
     (late,) = slow_id
     recorder.watched.add(late)
     events.consume(engine, recorder, hold=60)  # the checkpoint waited below it
@@ -193,19 +202,8 @@ def test_a_hole_is_held_from_when_the_consumer_first_saw_it_not_from_its_neighbo
     recorder = Recorder(set())
     events.consume(engine, recorder, limit=1_000_000, hold=0)  # the log so far
 
-    held = HeldOpen()
-    slow_id: list[UUID] = []
-    slow = threading.Thread(
-        target=lambda: slow_id.append(
-            services.place_order(
-                engine, PlaceOrder(customer, (OrderLine(product, 1),), client="t"), held
-            ).order_id
-        )
-    )
-    slow.start()
     seen: dict[int, datetime] = {}
-    try:
-        assert held.inside.wait(10)
+    with order_held_open(engine, customer, product) as slow_id:
         fast = place(engine, customer, product)  # after the hole, stamped an hour ago
         recorder.watched.add(fast)
         with engine.begin() as conn:
@@ -230,9 +228,6 @@ def test_a_hole_is_held_from_when_the_consumer_first_saw_it_not_from_its_neighbo
         ):
             assert time.monotonic() < deadline, "the checkpoint never passed the hole"
             time.sleep(0.05)
-    finally:
-        held.release.set()
-        slow.join(10)
     (late,) = slow_id
     recorder.watched.add(late)
     events.consume(engine, recorder, hold=60, seen=seen)
