@@ -17,7 +17,10 @@ their own that does). ``eviction_warning`` tells when it does not.
 
 Every value carries the version it was read at (the order's event seq, the customer's
 credit version) and a write never replaces a newer value (one Lua script), so a slow
-reader that fills the cache after an event was applied cannot bring an old status back.
+reader that fills the cache after an event was applied cannot bring an old status back
+while the newer value is there. Once it has expired or been evicted, such a fill can:
+the old value then lives at most its TTL (status 60 s, credit 300 s; details are
+cached only for final orders, which do not change).
 
 A cache that is down or slow is a miss: calls time out after ``CACHE_TIMEOUT_SECONDS``,
 and after a failure the cache is left alone for a second (the API keeps answering from

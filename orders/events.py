@@ -85,6 +85,8 @@ class Tally:
     #: Orders that stopped at a gap, and the events held behind it.
     gaps: int = 0
     blocked: list[Event] = field(default_factory=list)
+    #: Orders whose position moved.
+    moved: int = 0
     #: Where the consumer's checkpoint is after the pass (``consume`` only).
     checkpoint: int | None = None
 
@@ -174,7 +176,7 @@ def _deliver(conn: Connection, consumer: Consumer, events: Sequence[Event]) -> T
                 set_={"last_seq": upsert.excluded.last_seq},
             )
         )
-    tally.applied = len(due)
+    tally.applied, tally.moved = len(due), len(moved)
     return tally
 
 
@@ -190,10 +192,12 @@ def consume(
     was read, but not past a recent hole or a recently blocked event. Returns an empty
     tally when another instance of the consumer is at work.
 
-    An event waits (the checkpoint stays below it) while it was written less than
-    ``hold`` seconds ago; with ``seen`` (kept by the caller from pass to pass) also while
-    this consumer first saw it waiting less than ``hold`` ago, whatever its time stamp
-    says (a transaction may stamp its event, then wait on a lock, then commit)."""
+    An event past a hole or blocked at a gap waits (the checkpoint stays below it) while
+    it was written less than ``hold`` seconds ago; with ``seen`` (kept by the caller from
+    pass to pass) also while this consumer first saw it waiting less than ``hold`` ago,
+    whatever its time stamp says (a transaction may stamp its event, then wait on a
+    lock, then commit). Every waiting event of a pass is noted at once, so holes close
+    together are waited for together."""
     now = datetime.now(UTC)
     with transaction(engine) as conn:
         checkpoint = _lock_checkpoint(conn, consumer.name, wait=False)
@@ -203,11 +207,17 @@ def consume(
         events = [Event(*row) for row in rows]
         tally = _deliver(conn, consumer, events)
         blocked = {event.id for event in tally.blocked}
+        waiting, previous = set(), checkpoint
+        for event in events:
+            if event.id in blocked or event.id != previous + 1:
+                waiting.add(event.id)
+                if seen is not None:
+                    seen.setdefault(event.id, now)  # all of a batch's holes age together
+            previous = event.id
         recent = now - timedelta(seconds=hold)
         reached = checkpoint
         for event in events:
-            waiting = event.id in blocked or event.id != reached + 1
-            if waiting and _recent(event, recent, now, seen):
+            if event.id in waiting and _recent(event, recent, seen):
                 break
             reached = event.id
         if seen:
@@ -226,19 +236,17 @@ def consume(
     return tally
 
 
-def _recent(
-    event: Event, recent: datetime, now: datetime, seen: dict[int, datetime] | None
-) -> bool:
-    if event.occurred_at > recent:
-        return True
-    return seen is not None and seen.setdefault(event.id, now) > recent
+def _recent(event: Event, recent: datetime, seen: dict[int, datetime] | None) -> bool:
+    """Whether a waiting event is still held: written, or first seen, since ``recent``."""
+    first_seen = seen[event.id] if seen is not None else event.occurred_at
+    return max(event.occurred_at, first_seen) > recent
 
 
 def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int = 1000) -> Tally:
     """The integrity check: find orders whose log goes past the consumer's position
     (and that changed more than ``hold`` ago: the feed has had its chance), and apply
     their missing range from the log, ``batch`` orders per transaction. Returns what it
-    applied; ``gaps`` counts the orders found behind."""
+    applied; ``gaps`` counts the orders it brought up to their log."""
     settled_before = datetime.now(UTC) - timedelta(seconds=hold)
     total = Tally()
     while True:
@@ -261,7 +269,7 @@ def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int 
         tally.count(consumer.name)
         total.read += tally.read
         total.applied += tally.applied
-        total.gaps += len(behind)
+        total.gaps += tally.moved  # not those the feed caught up with meanwhile
         total.blocked += tally.blocked
         if tally.applied == 0 or len(behind) < batch:
             break  # what is left cannot move (a hole in the log itself)

@@ -1,9 +1,9 @@
 """``make run``: the whole system on this machine with local defaults.
 
 Starts PostgreSQL, Redis (the broker) and a second Redis for the caches on 127.0.0.1
-(data in ``.run/``), migrates the schema, seeds
-demo products and customers, then runs the Procfile (API, saga worker, beat, Flower)
-under honcho. Ctrl-C stops everything, the servers included.
+(data in ``.run/``), migrates the schema, seeds demo products and customers, then runs
+the Procfile (API, a worker per lane, the event consumers, beat, Flower) under honcho.
+Ctrl-C stops everything, the servers included.
 """
 
 from __future__ import annotations

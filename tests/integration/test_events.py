@@ -236,6 +236,36 @@ def test_a_hole_is_held_from_when_the_consumer_first_saw_it_not_from_its_neighbo
     assert recorder.applied == [(fast, 1), (late, 1)]
 
 
+def test_holes_seen_together_are_waited_for_together(engine: Engine) -> None:
+    """Two holes a few ids apart, next to events stamped long ago: both are held from the
+    pass that first saw them, so the checkpoint passes both after one ``hold``, not one
+    ``hold`` per hole."""
+    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=9)
+    recorder = Recorder(set())
+    start = events.consume(engine, recorder, limit=1_000_000, hold=0).checkpoint
+    seen: dict[int, datetime] = {}
+    with order_held_open(engine, customer, product):
+        first = place(engine, customer, product)
+        with order_held_open(engine, customer, product):
+            second = place(engine, customer, product)
+            with engine.begin() as conn:
+                conn.execute(
+                    update(order_events)
+                    .where(order_events.c.order_id.in_([first, second]))
+                    .values(occurred_at=datetime.now(UTC) - timedelta(hours=1))
+                )
+            last = log_of(engine, second)[second][0].id
+            assert events.consume(engine, recorder, hold=0.5, seen=seen).checkpoint == start
+            deadline = time.monotonic() + 10
+            while (moved := events.consume(engine, recorder, hold=0.5, seen=seen)).checkpoint == (
+                start
+            ):
+                assert time.monotonic() < deadline, "the checkpoint never passed the holes"
+                time.sleep(0.05)
+            assert moved.checkpoint == last  # both holes at once
+            assert seen == {}
+
+
 class Broken(Recorder):
     """A consumer whose effect cannot be applied (its cache is down, say)."""
 
