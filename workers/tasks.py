@@ -44,7 +44,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         _register_step(app, runtime, base, step.name, step.task)
     sagas = {ORDER_SAGA.name: runtime.order_saga}
 
-    @app.task(name=names.COMPLETE_ORDER, base=base)
+    @app.task(shared=False, name=names.COMPLETE_ORDER, base=base)
     def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
         """Chord body: confirm the order, or compensate and cancel it (from the ledger)."""
         done = briefly_retried(
@@ -57,13 +57,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         )
         record_completion(done)
 
-    @app.task(name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
     def relay() -> int:
         """Dispatch the sagas whose fast-path dispatch did not happen."""
         grace = timedelta(seconds=runtime.settings.outbox_grace_seconds)
         return relay_outbox(runtime.engine, app, DEFINITIONS, grace=grace)
 
-    @app.task(name=names.SWEEP_SAGAS, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.SWEEP_SAGAS, base=base, retries=0, dead_letters=False)
     def sweep() -> dict[str, int]:
         """Redrive or finish the sagas past their deadline."""
         report = sweep_overdue(
@@ -71,7 +71,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         )
         return vars(report)
 
-    @app.task(name=names.CHECK_EVENTS, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.CHECK_EVENTS, base=base, retries=0, dead_letters=False)
     def check_events() -> dict[str, int]:
         """The integrity check: every consumer's positions against the event log."""
         hold = runtime.settings.events_hold_seconds
@@ -97,7 +97,7 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
                 kwargs = {**(kwargs or {}), "window": window_key(runtime.settings)}
             return super().apply_async(args, kwargs, **options)
 
-    @app.task(name=names.START_CREDIT_CHECK, base=StartTask)
+    @app.task(shared=False, name=names.START_CREDIT_CHECK, base=StartTask)
     def start_credit_check(window: str | None = None) -> str | None:
         """Start the run of this schedule tick (nothing if another beat did). The window
         comes with the message (read when beat sent it); without one, it is read now."""
@@ -115,7 +115,7 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
             )
             return None
 
-    @app.task(name=names.CREDIT_CHECK_CHUNK, base=ChunkTask)
+    @app.task(shared=False, name=names.CREDIT_CHECK_CHUNK, base=ChunkTask)
     def credit_check_chunk(run_id: str, number: int, customer_ids: list[str]) -> int:
         """Review one chunk of customers."""
         return briefly_retried(
@@ -126,7 +126,7 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
 def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
     """Test only (TEST_TASKS=1, refused in production)."""
 
-    @app.task(name=names.TEST_FLAKY, base=base)
+    @app.task(shared=False, name=names.TEST_FLAKY, base=base)
     def flaky(key: str) -> str:
         """Fails with a transient error while Redis holds ``testing:<key>:broken``;
         records the time of every attempt."""
@@ -136,7 +136,7 @@ def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) 
         runtime.redis.set(f"testing:{key}:done", "1")
         return "done"
 
-    @app.task(name=names.TEST_BATCH_NOOP, base=base)
+    @app.task(shared=False, name=names.TEST_BATCH_NOOP, base=base)
     def batch_noop() -> None:
         """Stands for a small piece of batch work: 5 ms of CPU."""
         until = time.process_time() + 0.005
@@ -180,17 +180,17 @@ def _register_step(
 
     run_step.__name__ = run_step.__qualname__ = step
     run_step.__doc__ = f"Chord header: the saga step {step!r}, once per saga."
-    app.task(name=name, base=StepTask, bind=True)(run_step)
+    app.task(shared=False, name=name, base=StepTask, bind=True)(run_step)
 
 
 def _register_bench_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
     """The bare chord the benchmark compares the saga with: no-op members, and a body
     that only notes when it ran."""
 
-    @app.task(name=names.BENCH_NOOP, base=base)
+    @app.task(shared=False, name=names.BENCH_NOOP, base=base)
     def noop(chord_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         return {"step": "noop", "status": "APPLIED", "reason": None}
 
-    @app.task(name=names.BENCH_NOOP_DONE, base=base)
+    @app.task(shared=False, name=names.BENCH_NOOP_DONE, base=base)
     def noop_done(results: list[dict[str, Any]], chord_id: str) -> None:
         runtime.redis.rpush("bench:done", f"{chord_id} {time.time()}")
