@@ -32,7 +32,7 @@ from sqlalchemy import insert, text
 from bench.httpload import post_json, run_load
 from bench.report import write_report
 from config import names
-from config.settings import POOL_PRESETS, Settings
+from config.settings import POOL_PRESETS, SAGA_JOINS, Settings
 from orders.db import make_engine
 from orders.tables import customers, products
 from sagas.canvas import dispatch_saga
@@ -165,8 +165,11 @@ class Processes:
 class Bench:
     """The stack under test and the two loads."""
 
-    def __init__(self, base: Path, worker_concurrency: int, events: bool) -> None:
+    def __init__(
+        self, base: Path, worker_concurrency: int, events: bool, saga_join: str = "chord"
+    ) -> None:
         self.base = base
+        self.saga_join = saga_join
         self.postgres = LocalPostgres(base, fsync=True)
         self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=True)
         self.worker_concurrency = worker_concurrency
@@ -215,7 +218,8 @@ class Bench:
                 WorkerSpec("worker-default", "default", 1),
                 WorkerSpec("worker-batch", "batch.low", 1, nice=10),
             ],
-            extra_env={"BENCH_TASKS": "1"},
+            # The API sends sagas as SAGA_JOIN says; the bare chord is always a chord.
+            extra_env={"BENCH_TASKS": "1", "SAGA_JOIN": self.saga_join},
             worker_events=self.events,
         )
         self.stack.start()
@@ -271,7 +275,7 @@ class Bench:
             time.sleep(max(0.0, due - time.monotonic()))
             chord_id = uuid.uuid4()
             published[str(chord_id)] = due + wall
-            dispatch_saga(self.publisher, BARE_CHORD, chord_id, {})
+            dispatch_saga(self.publisher, BARE_CHORD, chord_id, {}, join="chord")
         deadline = time.monotonic() + 10
         while self.broker.llen("bench:done") < count and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -374,15 +378,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--only", choices=("bare", "saga"), help="measure one system only")
+    parser.add_argument(
+        "--saga-join",
+        choices=SAGA_JOINS,
+        default="chord",
+        help="how the API joins a saga's steps (SAGA_JOIN)",
+    )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
-        bench = Bench(Path(base), args.concurrency, events=not args.no_events)
+        bench = Bench(
+            Path(base), args.concurrency, events=not args.no_events, saga_join=args.saga_join
+        )
         try:
             bench.start()
             print(
                 f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
-                f"{'' if args.no_events else ' -E'}",
+                f"{'' if args.no_events else ' -E'}, saga steps joined by {args.saga_join}",
                 flush=True,
             )
             systems = {"bare chord": bench.bare_chords, "saga": bench.sagas}

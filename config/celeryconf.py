@@ -64,6 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             task: {"queue": settings.queue(lane)} for task, lane in names.ROUTES.items()
         },
         "task_create_missing_queues": False,
+        # Read by sagas.canvas.dispatch_saga: how the sagas it sends are joined.
+        "orders_saga_join": settings.saga_join,
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,

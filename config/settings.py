@@ -105,6 +105,10 @@ class Settings:
     credit_check_chunk_size: int = 100
     #: Bearer tokens of operators: the dead-letter queue and batch runs (/admin, /batches).
     admin_api_keys: frozenset[str] = frozenset()
+    #: How a saga's steps are joined: "chord" (a Celery chord; its body completes the
+    #: saga) or "database" (each step, once its outcome commits, completes the saga if
+    #: every step has an outcome: no chord keys, no body message).
+    saga_join: str = "chord"
     #: Test-only: each saga step sleeps this long first (shows the steps run in parallel).
     step_delay_seconds: float = 0.0
     #: Log level name for every process.
@@ -195,6 +199,16 @@ def _backend_url_from(broker_url: str) -> str:
     return broker_url
 
 
+#: The ways a saga's steps can be joined (Settings.saga_join).
+SAGA_JOINS = ("chord", "database")
+
+
+def _saga_join(given: str) -> str:
+    if given not in SAGA_JOINS:
+        raise ConfigError(f"SAGA_JOIN is one of {', '.join(SAGA_JOINS)}: {given!r}")
+    return given
+
+
 def _cache_url(given: str | None, broker_url: str) -> str | None:
     """CACHE_URL, "off" for no caches, or by default the broker's Redis two databases on."""
     if given:
@@ -253,6 +267,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "DISPATCH_TIMEOUT_SECONDS", float, d.dispatch_timeout_seconds
         ),
         step_delay_seconds=_number(env, "SAGA_STEP_DELAY_SECONDS", float, d.step_delay_seconds),
+        saga_join=_saga_join(env.get("SAGA_JOIN") or d.saga_join),
         bench_tasks=env.get("BENCH_TASKS", "") == "1",
         test_tasks=env.get("TEST_TASKS", "") == "1",
         credit_check_cron=env.get("CREDIT_CHECK_CRON") or d.credit_check_cron,

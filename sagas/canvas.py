@@ -1,4 +1,5 @@
-"""Compiling a saga to a Celery chord and publishing it, by task name.
+"""Compiling a saga to a Celery chord and publishing it, by task name (or, with the
+database join, publishing its steps alone).
 
 The chord's messages are sent directly: the header tasks carry the body signature and
 join in the result backend's chord keys, exactly as ``celery.chord`` does, but without
@@ -38,10 +39,26 @@ def dispatch_saga(
     payload: Mapping[str, Any],
     *,
     retry: bool = True,
+    join: str | None = None,
 ) -> None:
-    """Publish the saga's chord: every step in parallel, then its completion.
+    """Publish the saga: every step in parallel, then its completion. ``join`` (by
+    default the app's ``orders_saga_join``): "chord", a Celery chord whose body
+    completes the saga; "database", the steps alone, each completing the saga once
+    every step has an outcome in the ledger.
 
     Raises the broker's error when it cannot be reached (and ``retry`` is off)."""
+    if (join or app.conf.get("orders_saga_join", "chord")) == "database":
+        with app.producer_or_acquire() as producer:
+            for step in definition.steps:
+                app.send_task(
+                    step.task,
+                    args=(str(saga_id), dict(payload)),
+                    task_id=step_task_id(saga_id, step.name),
+                    ignore_result=True,
+                    producer=producer,
+                    retry=retry,
+                )
+        return
     group_id = str(saga_id)
     body = app.signature(
         definition.complete_task,

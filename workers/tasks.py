@@ -147,9 +147,30 @@ def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) 
 def _register_step(
     app: Celery, runtime: Runtime, base: type[PolicyTask], step: str, name: str
 ) -> None:
-    """A chord header task: one saga step, taking effect once per saga. When it gives up
-    (retries used up, an unexpected error, a poison message) it records the step as
-    aborted and returns that outcome, so the chord's completion still compensates."""
+    """A saga step, taking effect once per saga. When it gives up (retries used up, an
+    unexpected error, a poison message) it records the step as aborted and returns that
+    outcome, so the saga's completion still compensates.
+
+    Sent in a chord, it returns its outcome to the chord, whose body completes the saga.
+    Sent alone (``SAGA_JOIN=database``), it completes the saga itself once its outcome
+    has committed, if every step has one by then: of two steps finishing together, the
+    later commit sees both outcomes (the sweeper covers a step that died in between)."""
+
+    def join(task: Task, saga_id: UUID) -> None:
+        if task.request.chord:
+            return  # the chord's body completes the saga
+        try:
+            done = briefly_retried(
+                lambda: runner.complete(
+                    runtime.engine,
+                    runtime.order_saga,
+                    saga_id,
+                    retry_after=runtime.recovery.compensation_retry,
+                )
+            )
+        except runner.StepsPending:
+            return  # the last step to finish completes it
+        record_completion(done)
 
     class StepTask(base):  # type: ignore[valid-type,misc]
         abstract = True
@@ -160,6 +181,7 @@ def _register_step(
             outcome = briefly_retried(
                 lambda: runner.abort_step(runtime.engine, saga_id, step, reason)
             )
+            join(self, saga_id)
             return outcome.to_message()
 
     def run_step(self: Task, saga_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +198,11 @@ def _register_step(
             )
         )
         STEP_DURATION.labels(step).observe(time.perf_counter() - started)
+        join(self, UUID(saga_id))
         return outcome.to_message()
 
     run_step.__name__ = run_step.__qualname__ = step
-    run_step.__doc__ = f"Chord header: the saga step {step!r}, once per saga."
+    run_step.__doc__ = f"The saga step {step!r}, once per saga."
     app.task(shared=False, name=name, base=StepTask, bind=True)(run_step)
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from config.settings import SAGA_JOINS
 from tests.harness.chaos import FAULTS, ChaosPlan, run_chaos
 
 #: How often each fault is drawn in the soak.
@@ -29,7 +30,9 @@ WEIGHTS = {
 }
 
 
-def plan_for(seed: int, orders: int, faults: int, redis_aof: bool) -> ChaosPlan:
+def plan_for(
+    seed: int, orders: int, faults: int, redis_aof: bool, saga_join: str = "chord"
+) -> ChaosPlan:
     """A seeded mix of faults, every kind at least once."""
     rng = random.Random(seed)
     kinds = list(FAULTS)
@@ -41,6 +44,7 @@ def plan_for(seed: int, orders: int, faults: int, redis_aof: bool) -> ChaosPlan:
         faults=drawn,
         fault_gap=(3.0, 5.0),
         redis_aof=redis_aof,
+        saga_join=saga_join,
         concurrency=24,
         customers=100,
         products=30,
@@ -59,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         help="Redis keeps an append-only file (restarts keep its data)",
     )
     parser.add_argument("--keep", type=Path, help="keep the run's data and logs here")
+    parser.add_argument(
+        "--saga-join",
+        choices=SAGA_JOINS,
+        default="chord",
+        help="how the sagas' steps are joined (SAGA_JOIN)",
+    )
     args = parser.parse_args(argv)
-    plan = plan_for(args.seed, args.orders, args.faults, args.redis_aof)
+    plan = plan_for(args.seed, args.orders, args.faults, args.redis_aof, args.saga_join)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run_chaos(plan, args.keep)

@@ -64,14 +64,15 @@ def _try_place(api: Api, w: dict[str, Any], key: str) -> str | None:
         return None
 
 
+@pytest.mark.parametrize("join", ["chord", "database"])
 @pytest.mark.parametrize(
     "failpoint",
     ["step.before_commit", "step.after_commit", "complete.before_commit", "complete.after_commit"],
 )
 def test_a_worker_killed_inside_the_saga_loses_nothing(
-    make_stack: StackFactory, engine: Engine, failpoint: str
+    make_stack: StackFactory, engine: Engine, failpoint: str, join: str
 ) -> None:
-    stack = make_stack(f"{failpoint}=kill*1")
+    stack = make_stack(f"{failpoint}=kill*1", SAGA_JOIN=join)
     api, w = stack.client(), world(engine)
     order_id = place(api, w, 2)
 
@@ -101,10 +102,11 @@ def test_an_api_killed_around_the_dispatch_loses_no_accepted_order(
     require(settle(engine, w["world"]))
 
 
+@pytest.mark.parametrize("join", ["chord", "database"])
 def test_a_step_that_fails_for_good_cancels_and_compensates(
-    make_stack: StackFactory, engine: Engine
+    make_stack: StackFactory, engine: Engine, join: str
 ) -> None:
-    stack = make_stack("step.before_commit=raise*1")
+    stack = make_stack("step.before_commit=raise*1", SAGA_JOIN=join)
     api, w = stack.client(), world(engine)
     order_id = place(api, w)
 

@@ -1,5 +1,6 @@
 """Orders through the real system: HTTP to gunicorn, a chord on a prefork Celery worker,
-PostgreSQL and Redis. Each order ends CONFIRMED or CANCELLED with exact stock and credit."""
+PostgreSQL and Redis. Each order ends CONFIRMED or CANCELLED with exact stock and credit,
+whether the saga's steps are joined by a chord or in the database (SAGA_JOIN)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from decimal import Decimal
 from uuid import UUID
 
 import httpx
 import pytest
 from celery import Celery
+from redis import Redis
 from sqlalchemy import Engine, func, select
 
 from config import names
@@ -20,11 +23,37 @@ from config.settings import Settings
 from orders.tables import order_events, orders, products
 from sagas.canvas import complete_task_id, step_task_id
 from sagas.tables import saga_steps, sagas
+from tests.conftest import Servers
 from tests.harness.client import Api
+from tests.harness.processes import Stack
 from tests.helpers import Credit, Stock, add_customer, add_product, credit_of, row_counts, stock_of
 from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def database_join_stack(settings: Settings, servers: Servers) -> Iterator[Stack]:
+    """The same system with SAGA_JOIN=database: steps sent alone, the last one to
+    finish completes the saga."""
+    own = replace(
+        settings, broker_url=servers.redis.url(54), result_backend_url=servers.redis.url(55)
+    )
+    stack = Stack(own, servers.base / "e2e-database-join", extra_env={"SAGA_JOIN": "database"})
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(params=["chord", "database"])
+def api(request: pytest.FixtureRequest, stack: Stack) -> Api:
+    """Every test here runs on both ways of joining a saga's steps."""
+    if request.param == "chord":
+        return stack.client()
+    joined: Stack = request.getfixturevalue("database_join_stack")
+    return joined.client()
 
 
 def saga_of(engine: Engine, order_id: str) -> UUID:
@@ -260,8 +289,9 @@ def test_redelivering_each_step_and_the_completion_changes_nothing(
 def test_a_retried_post_returns_the_same_order(api: Api, engine: Engine) -> None:
     customer = add_customer(engine, limit="100.00")
     product = add_product(engine, on_hand=5)
-    first = api.place(customer, [(product, 1)], **{"Idempotency-Key": "e2e-retry"})
-    second = api.place(customer, [(product, 1)], **{"Idempotency-Key": "e2e-retry"})
+    key = {"Idempotency-Key": f"e2e-retry-{customer}"}
+    first = api.place(customer, [(product, 1)], **key)
+    second = api.place(customer, [(product, 1)], **key)
     assert first.status_code == second.status_code == 202
     assert first.json()["order_id"] == second.json()["order_id"]
     api.wait_until_final(first.json()["order_id"])
@@ -296,3 +326,25 @@ def test_the_real_server_refuses_bad_requests_and_writes_nothing(api: Api, engin
     for response in (too_large, malformed, unknown, anonymous):
         assert response.headers["content-type"] == "application/problem+json"
     assert row_counts(engine) == before
+
+
+def test_the_database_join_completes_sagas_without_chord_state(
+    database_join_stack: Stack, engine: Engine
+) -> None:
+    """With SAGA_JOIN=database no chord is sent: the result backend holds no join keys
+    and no completion task runs; the step that finishes last completes the saga."""
+    api = database_join_stack.client()
+    customer = add_customer(engine, limit="100.00")
+    product = add_product(engine, on_hand=1, price="30.00")
+    confirmed = api.place(customer, [(product, 1)]).json()["order_id"]
+    cancelled = api.place(customer, [(product, 1)]).json()["order_id"]
+    assert api.wait_until_final(confirmed)["status"] == "CONFIRMED"
+    assert api.wait_until_final(cancelled)["cancel_reason"] == "out_of_stock"
+    assert stock_of(engine, product) == Stock(on_hand=0, reserved=0)
+    assert credit_of(engine, customer) == Credit(Decimal("100.00"), Decimal("30.00"), Decimal("0"))
+    backend = Redis.from_url(database_join_stack.settings.result_backend_url)
+    assert not [key for key in backend.scan_iter() if b"taskset" in key or b"chord" in key]
+    backend.close()
+    log = database_join_stack.logs(tail=10**7)
+    assert f"{names.COMPLETE_ORDER}[" not in log  # "Task <name>[<id>] received"
+    assert f"{names.RESERVE_STOCK}[" in log

@@ -67,6 +67,8 @@ class ChaosPlan:
     #: Whether Redis writes an append-only file (faults then restart it with its data).
     redis_aof: bool = False
     worker_nodes: int = 2
+    #: How the sagas' steps are joined (SAGA_JOIN): "chord" or "database".
+    saga_join: str = "chord"
 
 
 @dataclass
@@ -116,7 +118,8 @@ class ChaosResult:
         )
         lines = [
             f"chaos run, seed {self.plan.seed}: {self.plan.orders} orders, "
-            f"{len(self.timeline)} faults, {self.duration:.1f} s",
+            f"{len(self.timeline)} faults, {self.duration:.1f} s, "
+            f"steps joined by {self.plan.saga_join}",
             "fault timeline:",
             *(f"  {t:7.2f} s  {name:<22} {detail}" for t, name, detail in self.timeline),
             f"answers to clients: {dict(answered)}",
@@ -159,7 +162,7 @@ class Cluster:
         self.stack = Stack(
             settings,
             self.base / "logs",
-            extra_env=dict(CHAOS_ENV),
+            extra_env={**CHAOS_ENV, "SAGA_JOIN": self.plan.saga_join},
             beat=True,
             workers=self.plan.worker_nodes,
         )

@@ -14,6 +14,7 @@ def test_defaults_make_the_local_run_work() -> None:
     assert settings.broker_url == "redis://127.0.0.1:6379/0"
     assert settings.result_backend_url == "redis://127.0.0.1:6379/1"
     assert settings.db_pool == POOL_PRESETS["local"]
+    assert settings.saga_join == "chord"
 
 
 def test_reads_the_environment() -> None:
@@ -24,8 +25,10 @@ def test_reads_the_environment() -> None:
             "API_KEYS": " one, two ,,",
             "MAX_ORDER_LINES": "7",
             "SAGA_DEADLINE_SECONDS": "2.5",
+            "SAGA_JOIN": "database",
         }
     )
+    assert settings.saga_join == "database"
     assert settings.result_backend_url == "redis://:secret@127.0.0.1:7000/5"
     assert settings.api_keys == {"one", "two"}
     assert settings.max_order_lines == 7
@@ -43,6 +46,7 @@ def test_reads_the_environment() -> None:
         ({"TASK_TIME_LIMIT": "400", "VISIBILITY_TIMEOUT": "300"}, "TASK_TIME_LIMIT"),
         ({"RETRY_BACKOFF_MAX_SECONDS": "600"}, "RETRY_BACKOFF_MAX_SECONDS"),
         ({"SAGA_LANE": "default"}, "distinct"),
+        ({"SAGA_JOIN": "redis"}, "SAGA_JOIN"),
         ({"APP_ENV": "production"}, "API_KEYS"),
         (
             {"APP_ENV": "production", "API_KEYS": "k", "SAGA_STEP_DELAY_SECONDS": "1"},
