@@ -301,7 +301,12 @@ class Bench:
             }
             return post_json(host, "/orders", body, auth)
 
-        samples = run_load(host, self.stack.api_port, order, rate=rate, duration=duration)
+        # Enough connections for latency spikes, few enough that each is used more often
+        # than the server's keep-alive timeout (2 s) closes an idle one.
+        connections = max(4, min(32, int(rate / 2)))
+        samples = run_load(
+            host, self.stack.api_port, order, rate=rate, duration=duration, connections=connections
+        )
         accepted = [s for s in samples if s.status == 202]
         deadline = time.monotonic() + 10
         query = text(
