@@ -142,20 +142,24 @@ def complete(
     *,
     retry_after: timedelta,
     abort_missing: str | None = None,
+    running_only: bool = False,
 ) -> Completion:
     """Confirm the saga, or compensate its applied steps and cancel it. Idempotent.
 
     Steps with no outcome raise StepsPending, unless ``abort_missing`` names the reason
     to record them as aborted with. Transient database errors propagate (retry later).
     A compensation that fails leaves the saga COMPENSATION_FAILED, to be tried again
-    after ``retry_after``."""
+    after ``retry_after`` (by the sweeper); ``running_only`` leaves such a saga alone
+    (a step's completion attempt does not retry a compensation early)."""
     try:
-        return _complete_once(engine, saga, saga_id, abort_missing)
+        return _complete_once(engine, saga, saga_id, abort_missing, running_only=running_only)
     except _DecisionFailed as failed:
         failure = failed
     if failure.decision.state is SagaState.CONFIRMED:
         try:
-            return _complete_once(engine, saga, saga_id, abort_missing, CONFIRMATION_FAILED)
+            return _complete_once(
+                engine, saga, saga_id, abort_missing, CONFIRMATION_FAILED, running_only
+            )
         except _DecisionFailed as failed:
             failure = failed
     return _record_compensation_failure(engine, saga, saga_id, failure, retry_after)
@@ -167,12 +171,15 @@ def _complete_once(
     saga_id: UUID,
     abort_missing: str | None,
     cancel_reason: str | None = None,
+    running_only: bool = False,
 ) -> Completion:
     with transaction(engine) as conn:
         locked = store.lock_saga(conn, saga_id)
         if locked is None:
             raise LookupError(f"no saga {saga_id}")
-        if locked.state in TERMINAL_STATES:
+        if locked.state in TERMINAL_STATES or (
+            running_only and locked.state is not SagaState.RUNNING
+        ):
             logger.info("saga %s is already %s", saga_id, locked.state)
             return Completion(None)
         if locked.state is SagaState.COMPENSATION_FAILED:

@@ -22,6 +22,7 @@ from config.schedules import window_key
 from orders.events import check_all
 from orders.projections import event_consumers
 from sagas import runner
+from sagas.canvas import complete_task_id
 from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
 from sagas.order import DEFINITIONS, ORDER_SAGA
@@ -166,10 +167,25 @@ def _register_step(
                     runtime.order_saga,
                     saga_id,
                     retry_after=runtime.recovery.compensation_retry,
+                    running_only=True,
                 )
             )
         except runner.StepsPending:
             return  # the last step to finish completes it
+        except Exception as exc:
+            # The step is done; its completion goes on as a task of its own (its own
+            # retries and dead letter), or, without a broker, to the sweeper.
+            logger.warning("saga %s: completion failed, sent on its own: %r", saga_id, exc)
+            try:
+                app.send_task(
+                    names.COMPLETE_ORDER,
+                    args=([], str(saga_id)),
+                    task_id=complete_task_id(saga_id),
+                    ignore_result=True,
+                )
+            except Exception:
+                logger.warning("saga %s: completion left to the sweeper", saga_id, exc_info=True)
+            return
         record_completion(done)
 
     class StepTask(base):  # type: ignore[valid-type,misc]
@@ -181,7 +197,10 @@ def _register_step(
             outcome = briefly_retried(
                 lambda: runner.abort_step(runtime.engine, saga_id, step, reason)
             )
-            join(self, saga_id)
+            if reason != POISON_MESSAGE:
+                # A message that keeps killing its worker may do so in the completion:
+                # that saga is left to the sweeper.
+                join(self, saga_id)
             return outcome.to_message()
 
     def run_step(self: Task, saga_id: str, payload: dict[str, Any]) -> dict[str, Any]:

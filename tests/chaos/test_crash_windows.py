@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Text, cast, func, select
 
 from scripts.services import LocalRedis
 from tests.chaos.conftest import StackFactory
@@ -21,6 +21,7 @@ from tests.harness.checker import require, settle, world_of
 from tests.harness.client import Api
 from tests.harness.processes import Stack
 from tests.helpers import add_customer, add_product, wait_for
+from workers.tables import dead_letters as dead_letter_table
 
 pytestmark = pytest.mark.chaos
 
@@ -38,6 +39,18 @@ def world(engine: Engine, *, limit: str = "100.00", on_hand: int = 5) -> dict[st
         "product": product,
         "world": world_of([customer], {product: on_hand}),
     }
+
+
+def dead_letters(engine: Engine, order_id: str) -> int:
+    """Dead letters whose arguments name the order (a step's payload carries its id)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(dead_letter_table)
+                .where(cast(dead_letter_table.c.args, Text).contains(order_id))
+            ).scalar_one()
+        )
 
 
 def place(api: Api, w: dict[str, Any], quantity: int = 1, key: str | None = None) -> str:
@@ -102,6 +115,25 @@ def test_an_api_killed_around_the_dispatch_loses_no_accepted_order(
     require(settle(engine, w["world"]))
 
 
+def test_a_completion_failing_inside_a_step_goes_on_as_its_own_task(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    """With the database join, a completion that fails in the step that ran it does not
+    fail the step (no retry of the step, no dead letter): it is sent as a task of its
+    own, which confirms the order."""
+    stack = make_stack("complete.before_commit=raise*1", SAGA_JOIN="database")
+    api, w = stack.client(), world(engine)
+    order_id = place(api, w, 2)
+
+    assert api.wait_until_final(order_id)["status"] == "CONFIRMED"
+    assert fired(stack, "complete.before_commit")
+    log = stack.logs(tail=10**7)
+    assert "completion failed, sent on its own" in log
+    assert "saga.order.complete[" in log  # the completion's own task ran
+    assert dead_letters(engine, order_id) == 0
+    require(settle(engine, w["world"]))
+
+
 @pytest.mark.parametrize("join", ["chord", "database"])
 def test_a_step_that_fails_for_good_cancels_and_compensates(
     make_stack: StackFactory, engine: Engine, join: str
@@ -115,10 +147,11 @@ def test_a_step_that_fails_for_good_cancels_and_compensates(
     require(settle(engine, w["world"]))
 
 
+@pytest.mark.parametrize("join", ["chord", "database"])
 def test_a_failed_compensation_is_shown_then_retried_until_it_is_done(
-    make_stack: StackFactory, engine: Engine
+    make_stack: StackFactory, engine: Engine, join: str
 ) -> None:
-    stack = make_stack("compensate.release=raise*1")
+    stack = make_stack("compensate.release=raise*1", SAGA_JOIN=join)
     api, w = stack.client(), world(engine, limit="5.00")  # the credit is refused
     order_id = place(api, w)
 
