@@ -47,36 +47,25 @@ def dispatch_saga(
     every step has an outcome in the ledger.
 
     Raises the broker's error when it cannot be reached (and ``retry`` is off)."""
-    if (join or app.conf.get("orders_saga_join", "chord")) == "database":
-        with app.producer_or_acquire() as producer:
-            for step in definition.steps:
-                app.send_task(
-                    step.task,
-                    args=(str(saga_id), dict(payload)),
-                    task_id=step_task_id(saga_id, step.name),
-                    ignore_result=True,
-                    producer=producer,
-                    retry=retry,
-                )
-        return
-    group_id = str(saga_id)
-    body = app.signature(
-        definition.complete_task,
-        args=(str(saga_id),),
-        ignore_result=True,
-    )
-    body.freeze(complete_task_id(saga_id), group_id=group_id)
-    app.backend.set_chord_size(group_id, len(definition.steps))
+    chord: dict[str, Any] = {}
+    if (join or app.conf.get("orders_saga_join", "chord")) == "chord":
+        group_id = str(saga_id)
+        body = app.signature(
+            definition.complete_task,
+            args=(str(saga_id),),
+            ignore_result=True,
+        )
+        body.freeze(complete_task_id(saga_id), group_id=group_id)
+        app.backend.set_chord_size(group_id, len(definition.steps))
+        chord = {"chord": body, "group_id": group_id}
     with app.producer_or_acquire() as producer:
         for index, step in enumerate(definition.steps):
             app.send_task(
                 step.task,
                 args=(str(saga_id), dict(payload)),
                 task_id=step_task_id(saga_id, step.name),
-                chord=body,
-                group_id=group_id,
-                group_index=index,
                 ignore_result=True,
                 producer=producer,
                 retry=retry,
+                **({**chord, "group_index": index} if chord else {}),
             )
