@@ -171,8 +171,8 @@ def place_order(
 
     ``precheck`` (the credit pre-check, given this transaction's connection) returns the
     customer's available credit when it cannot cover the order's total, None when it
-    can; the order is then refused with
-    CreditPrecheckError. The saga's reservation still decides for the orders it lets by.
+    can; the order is then refused with CreditPrecheckError. The saga's reservation
+    still decides for the orders it lets by.
 
     The order, its lines, its first event and the saga's outbox entry commit in one
     transaction; the saga is dispatched after the commit. Raises InvalidOrderError or

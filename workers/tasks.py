@@ -47,16 +47,9 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
 
     @app.task(shared=False, name=names.COMPLETE_ORDER, base=base)
     def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
-        """Chord body: confirm the order, or compensate and cancel it (from the ledger)."""
-        done = briefly_retried(
-            lambda: runner.complete(
-                runtime.engine,
-                runtime.order_saga,
-                UUID(saga_id),
-                retry_after=runtime.recovery.compensation_retry,
-            )
-        )
-        record_completion(done)
+        """Chord body (or, with the database join, a step's completion that failed in
+        the step): confirm the order, or compensate and cancel it (from the ledger)."""
+        _complete(runtime, UUID(saga_id))
 
     @app.task(shared=False, name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
     def relay() -> int:
@@ -83,6 +76,20 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         _register_test_tasks(app, runtime, base)
     if runtime.settings.bench_tasks:
         _register_bench_tasks(app, runtime, base)
+
+
+def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) -> None:
+    """Complete the saga (see ``runner.complete``) and count what was decided."""
+    done = briefly_retried(
+        lambda: runner.complete(
+            runtime.engine,
+            runtime.order_saga,
+            saga_id,
+            retry_after=runtime.recovery.compensation_retry,
+            running_only=running_only,
+        )
+    )
+    record_completion(done)
 
 
 def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
@@ -161,15 +168,7 @@ def _register_step(
         if task.request.chord:
             return  # the chord's body completes the saga
         try:
-            done = briefly_retried(
-                lambda: runner.complete(
-                    runtime.engine,
-                    runtime.order_saga,
-                    saga_id,
-                    retry_after=runtime.recovery.compensation_retry,
-                    running_only=True,
-                )
-            )
+            _complete(runtime, saga_id, running_only=True)
         except runner.StepsPending:
             return  # the last step to finish completes it
         except Exception as exc:
@@ -185,8 +184,6 @@ def _register_step(
                 )
             except Exception:
                 logger.warning("saga %s: completion left to the sweeper", saga_id, exc_info=True)
-            return
-        record_completion(done)
 
     class StepTask(base):  # type: ignore[valid-type,misc]
         abstract = True
