@@ -65,15 +65,32 @@ class Settings:
     max_order_lines: int = 100
     #: Largest quantity of one line (422 above).
     max_line_quantity: int = 1_000_000
-    #: A saga not finished this long after acceptance is overdue.
+    #: A saga not finished this long after it was dispatched is looked at by the sweeper:
+    #: while saga workers are consuming, its missing steps are dispatched again.
     saga_deadline_seconds: float = 30.0
+    #: Each redrive of one saga waits twice as long as the one before, up to this.
+    saga_redrive_max_seconds: float = 300.0
+    #: The business timeout: an order still undecided this long after it was accepted
+    #: is cancelled (``timed_out``). Workers being down or behind only delays orders
+    #: until then; it is the one thing that gives up on an order for lack of time.
+    saga_timeout_seconds: float = 4 * 3600.0
     #: How often beat runs the deadline sweeper.
     sweep_interval_seconds: float = 5.0
-    #: How many times an overdue saga's chord is dispatched again before its missing
-    #: steps are aborted and it is compensated.
-    max_redrives: int = 1
-    #: A failed compensation is tried again after this long.
+    #: A failed compensation is tried again after this long, doubling each time...
     compensation_retry_seconds: float = 60.0
+    #: ... up to this long between two tries.
+    compensation_retry_max_seconds: float = 3600.0
+    #: After this many failed tries, a compensation is left to an operator: a dead letter
+    #: (kind ``compensation_failed``) that replays it, and the saga stays flagged.
+    compensation_max_attempts: int = 10
+    #: Every database session's statement timeout (a statement running longer fails,
+    #: transiently, and is retried).
+    db_statement_timeout_seconds: float = 60.0
+    #: How long a statement waits for a row lock before it fails (transiently).
+    db_lock_timeout_seconds: float = 10.0
+    #: A session idle inside a transaction this long is ended by the server, which
+    #: releases its locks.
+    db_idle_in_transaction_seconds: float = 60.0
     #: Retries of a task after its first attempt, for transient errors.
     task_max_retries: int = 8
     #: Retry delays double from this many seconds...
@@ -155,6 +172,17 @@ class Settings:
         """Refuse settings that are malformed or unsafe for the environment."""
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.env!r}")
+        for name in (
+            "saga_deadline_seconds",
+            "saga_timeout_seconds",
+            "db_statement_timeout_seconds",
+            "db_lock_timeout_seconds",
+            "db_idle_in_transaction_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
+        if self.saga_timeout_seconds <= self.saga_deadline_seconds:
+            raise ConfigError("SAGA_TIMEOUT_SECONDS must be longer than SAGA_DEADLINE_SECONDS")
         if self.retry_backoff_max_seconds >= self.visibility_timeout:
             raise ConfigError("RETRY_BACKOFF_MAX_SECONDS must be below VISIBILITY_TIMEOUT")
         if self.task_time_limit >= self.visibility_timeout:
@@ -165,6 +193,7 @@ class Settings:
             "max_line_quantity",
             "max_redeliveries",
             "credit_check_chunk_size",
+            "compensation_max_attempts",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
@@ -247,9 +276,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sweep_interval_seconds=_number(
             env, "SWEEP_INTERVAL_SECONDS", float, d.sweep_interval_seconds
         ),
-        max_redrives=_number(env, "MAX_REDRIVES", int, d.max_redrives),
+        saga_redrive_max_seconds=_number(
+            env, "SAGA_REDRIVE_MAX_SECONDS", float, d.saga_redrive_max_seconds
+        ),
+        saga_timeout_seconds=_number(env, "SAGA_TIMEOUT_SECONDS", float, d.saga_timeout_seconds),
         compensation_retry_seconds=_number(
             env, "COMPENSATION_RETRY_SECONDS", float, d.compensation_retry_seconds
+        ),
+        compensation_retry_max_seconds=_number(
+            env, "COMPENSATION_RETRY_MAX_SECONDS", float, d.compensation_retry_max_seconds
+        ),
+        compensation_max_attempts=_number(
+            env, "COMPENSATION_MAX_ATTEMPTS", int, d.compensation_max_attempts
+        ),
+        db_statement_timeout_seconds=_number(
+            env, "DB_STATEMENT_TIMEOUT_SECONDS", float, d.db_statement_timeout_seconds
+        ),
+        db_lock_timeout_seconds=_number(
+            env, "DB_LOCK_TIMEOUT_SECONDS", float, d.db_lock_timeout_seconds
+        ),
+        db_idle_in_transaction_seconds=_number(
+            env, "DB_IDLE_IN_TRANSACTION_SECONDS", float, d.db_idle_in_transaction_seconds
         ),
         max_redeliveries=_number(env, "MAX_REDELIVERIES", int, d.max_redeliveries),
         task_max_retries=_number(env, "TASK_MAX_RETRIES", int, d.task_max_retries),

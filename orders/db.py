@@ -5,20 +5,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, create_engine
-from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError
 
 from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_AFTER_COMMIT = "orders.after_commit"
-
 
 def make_engine(settings: Settings, *, application_name: str = "orders") -> Engine:
-    """Create this process's engine; a forked process must build its own."""
+    """Create this process's engine; a forked process must build its own.
+
+    Every session gets the statement, lock and idle-in-transaction timeouts of the
+    settings: a statement stuck on a lock, or a transaction left open by a process that
+    hung, fails (transiently) instead of holding rows for ever."""
     pool = settings.db_pool
+    timeouts = " ".join(
+        f"-c {name}={int(seconds * 1000)}"
+        for name, seconds in (
+            ("statement_timeout", settings.db_statement_timeout_seconds),
+            ("lock_timeout", settings.db_lock_timeout_seconds),
+            ("idle_in_transaction_session_timeout", settings.db_idle_in_transaction_seconds),
+        )
+    )
     return create_engine(
         settings.database_url,
         pool_size=pool.pool_size,
@@ -28,27 +38,33 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
         # No pre-ping (a round trip and a transaction per checkout): a connection broken
         # by a database restart fails once, the pool then drops every older connection,
         # and the caller retries (tasks) or answers 503 (API).
-        connect_args={"application_name": application_name, "connect_timeout": 5},
+        connect_args={
+            "application_name": application_name,
+            "connect_timeout": 5,
+            "options": timeouts,
+        },
     )
 
 
-#: Database errors that pass with time: connection refused or dropped, a deadlock or a
-#: serialization failure (OperationalError), a pool with no free connection.
-TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, TimeoutError)
+#: What each open ``transaction`` asked to run after its commit.
+_after_commit: WeakKeyDictionary[Connection, list[Callable[[], None]]] = WeakKeyDictionary()
 
 
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
     """``engine.begin()``, then, once it has committed, what the work inside asked for
     with ``after_commit`` (a cache write-through). A failing callback is logged: the
-    transaction stands, and what the callback kept fresh falls back on its own expiry."""
+    transaction stands, and what the callback kept fresh falls back on its own expiry.
+
+    The error that ended the work is the one that leaves: nothing here touches the
+    connection once it failed (a dropped connection stays an ``OperationalError``)."""
     callbacks: list[Callable[[], None]] = []
     with engine.begin() as conn:
-        conn.info[_AFTER_COMMIT] = callbacks
+        _after_commit[conn] = callbacks
         try:
             yield conn
         finally:
-            conn.info.pop(_AFTER_COMMIT, None)
+            _after_commit.pop(conn, None)
     for callback in callbacks:
         try:
             callback()
@@ -59,6 +75,6 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
     """Run ``callback`` after the transaction of ``conn`` commits, if it was opened by
     ``transaction``; otherwise not at all (nothing waits for it)."""
-    callbacks = conn.info.get(_AFTER_COMMIT)
+    callbacks = _after_commit.get(conn)
     if callbacks is not None:
         callbacks.append(callback)

@@ -37,8 +37,9 @@ TERMINAL_STATES = frozenset({SagaState.CONFIRMED, SagaState.CANCELLED})
 #: States the sweeper watches.
 ACTIVE_STATES = frozenset({SagaState.RUNNING, SagaState.COMPENSATION_FAILED})
 
-#: A step that had not run when the saga passed its deadline (for good).
-DEADLINE_EXCEEDED = "deadline_exceeded"
+#: A step that had not run when the saga reached its business timeout
+#: (``SAGA_TIMEOUT_SECONDS``): the one refusal that is about time, not stock or credit.
+TIMED_OUT = "timed_out"
 #: A step whose task failed for good (retries exhausted, or an unexpected error).
 STEP_FAILED = "step_failed"
 #: Every step applied, but making the effects final failed; the saga cancels instead.

@@ -1,11 +1,20 @@
-"""The deadline sweeper: no saga stays unfinished.
+"""The deadline sweeper: no saga stays unfinished, and no saga is refused for waiting.
 
-A saga still active past its deadline lost something on the way: a message (a worker
-killed, Redis restarted without its data), the chord's join, or its completion. The
-sweeper takes it up from PostgreSQL alone: if steps never ran it dispatches the chord
-again (once, by default), giving it another deadline; after that, or when every step
-has an outcome, it completes the saga itself, recording the missing steps as aborted,
-so the saga is confirmed or compensated. A saga whose compensation failed is retried.
+A saga still active past its deadline has either lost something on the way (a message:
+a worker killed, Redis restarted without its data; the chord's join; its completion)
+or is only late (saga workers stopped for a deploy, or behind a backlog). The sweeper
+tells the two apart by whether saga workers are consuming (``lane_alive``):
+
+- every step has an outcome: the join or the completion was lost; complete it now;
+- steps missing, workers consuming: the steps' messages may be lost; dispatch them again
+  (idempotent: a step that already ran returns its recorded outcome), and look again
+  after a wait that doubles with each redrive, up to a cap;
+- steps missing, no worker consuming: the saga is waiting, not lost; look again soon,
+  so that it is redriven within seconds of a worker being back;
+- the business timeout passed (``timeout`` after acceptance): cancel it, recording the
+  missing steps as ``timed_out``. Nothing else gives up on an order for lack of time;
+- ``COMPENSATION_FAILED``: try the compensation again (its own backoff, see
+  ``runner.complete``).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from sqlalchemy import Engine
 
 from sagas import runner, store
 from sagas.canvas import dispatch_saga
-from sagas.engine import DEADLINE_EXCEEDED, SagaState
+from sagas.engine import TIMED_OUT, SagaState
 from sagas.runner import Completion, SagaHandlers
 
 logger = logging.getLogger(__name__)
@@ -34,12 +43,32 @@ SWEEP_BATCH = 100
 class RecoveryPolicy:
     """How patient the sweeper is."""
 
-    #: A saga gets this long again after each redrive.
+    #: How long after its dispatch a saga is looked at.
     deadline: timedelta
-    #: How many times a saga's chord is dispatched again before missing steps are aborted.
-    max_redrives: int
-    #: How long a failed compensation waits before the next try.
+    #: The business timeout, from acceptance: past it the saga is cancelled.
+    timeout: timedelta
+    #: Waits after a redrive double from ``deadline`` up to this.
+    redrive_max: timedelta
+    #: A waiting saga (no worker consuming) is looked at again this soon.
+    recheck: timedelta
+    #: A failed compensation's first wait; later ones double...
     compensation_retry: timedelta
+    #: ... up to this.
+    compensation_retry_max: timedelta
+    #: Failed compensation tries before the saga is left to an operator.
+    compensation_max_attempts: int
+
+    def redrive_wait(self, redrives: int) -> timedelta:
+        """How long to wait after the ``redrives``-th redrive (1, 2, ...)."""
+        return min(self.redrive_max, self.deadline * (1 << min(redrives, 32)))
+
+    def compensation_wait(self, attempts: int) -> timedelta | None:
+        """How long to wait after ``attempts`` failed compensations (1, 2, ...); None
+        once they reach ``compensation_max_attempts``: an operator takes it from there."""
+        if attempts >= self.compensation_max_attempts:
+            return None
+        doubled = self.compensation_retry * (1 << min(attempts - 1, 32))
+        return min(self.compensation_retry_max, doubled)
 
 
 @dataclass
@@ -48,6 +77,7 @@ class SweepReport:
 
     redriven: int = 0
     completed: int = 0
+    waiting: int = 0
     failed: int = 0
 
 
@@ -57,27 +87,30 @@ def sweep_overdue(
     sagas: Mapping[str, SagaHandlers],
     policy: RecoveryPolicy,
     *,
+    lane_alive: Callable[[], bool] = lambda: True,
     limit: int = SWEEP_BATCH,
     on_complete: Callable[[Completion], None] | None = None,
 ) -> SweepReport:
-    """Take up every saga past its deadline; return what was done. ``on_complete`` is
+    """Take up every saga past its deadline; return what was done. ``lane_alive`` says
+    whether saga workers are consuming now (asked once per sweep); ``on_complete`` is
     told of every saga the sweep decided."""
     now = datetime.now(UTC)
     with engine.connect() as conn:
         overdue = store.overdue_sagas(conn, now, limit)
     report = SweepReport()
+    if not overdue:
+        return report
+    alive = lane_alive()
     for saga_id in overdue:
         try:
-            action = recover(engine, app, sagas, saga_id, policy, now, on_complete)
+            action = recover(engine, app, sagas, saga_id, policy, now, alive, on_complete)
         except Exception:
-            logger.exception("saga %s: recovery failed; tried again after its deadline", saga_id)
+            logger.exception("saga %s: recovery failed; tried again soon", saga_id)
             report.failed += 1
             continue
-        if action == "redriven":
-            report.redriven += 1
-        elif action == "completed":
-            report.completed += 1
-    if overdue:
+        if action in ("redriven", "completed", "waiting"):
+            setattr(report, action, getattr(report, action) + 1)
+    if report.redriven or report.completed or report.failed:
         logger.info("sweep: %s", report)
     return report
 
@@ -89,30 +122,41 @@ def recover(
     saga_id: UUID,
     policy: RecoveryPolicy,
     now: datetime,
+    alive: bool = True,
     on_complete: Callable[[Completion], None] | None = None,
 ) -> str:
-    """Redrive or complete one overdue saga; "skipped" if it is no longer overdue."""
+    """Complete, redrive or leave waiting one overdue saga; "skipped" if it is no longer
+    overdue (finished, or another sweeper took it)."""
     with engine.begin() as conn:
-        # Committed first: a crash while recovering still counts, and the saga waits
-        # for its new deadline instead of being taken up again at once.
-        # A compensation that fails again sets its own retry time (runner.complete).
-        claimed = store.claim_overdue(conn, saga_id, now, now + policy.deadline)
+        # Committed first, with a short deadline: a crash while recovering still counts,
+        # and the saga is looked at again soon. What is done next sets the real one.
+        claimed = store.claim_overdue(conn, saga_id, now, now + policy.recheck)
     if claimed is None:
         return "skipped"
     saga = sagas[claimed.name]
     missing = [s for s in saga.definition.step_names if s not in claimed.outcomes]
-    if claimed.state is SagaState.RUNNING and missing and claimed.redrives < policy.max_redrives:
+    expires_at = (claimed.created_at or now) + policy.timeout
+    if claimed.state is SagaState.RUNNING and missing and now < expires_at:
+        if not alive:
+            return "waiting"
         dispatch_saga(app, saga.definition, saga_id, claimed.payload)
+        redrives = claimed.redrives + 1
+        next_look = min(now + policy.redrive_wait(redrives), expires_at)
         with engine.begin() as conn:
-            store.count_redrive(conn, saga_id)
-        logger.warning("saga %s overdue, steps %s missing: dispatched again", saga_id, missing)
+            store.count_redrive(conn, saga_id, next_look)
+        logger.warning(
+            "saga %s overdue, steps %s missing: dispatched again (redrive %d)",
+            saga_id,
+            missing,
+            redrives,
+        )
         return "redriven"
     done = runner.complete(
         engine,
         saga,
         saga_id,
-        retry_after=policy.compensation_retry,
-        abort_missing=DEADLINE_EXCEEDED,
+        retry_after=policy.compensation_wait,
+        abort_missing=TIMED_OUT,
     )
     if on_complete is not None:
         on_complete(done)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -22,7 +22,8 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine
 
 from config.failpoints import failpoint
-from orders.db import TRANSIENT_DB_ERRORS, transaction
+from config.faults import is_transient
+from orders.db import transaction
 from sagas import store
 from sagas.definition import SagaDefinition
 from sagas.engine import (
@@ -133,6 +134,18 @@ class Completion:
     decision: Decision | None
     #: When the saga was accepted (for its duration), if it was decided now.
     created_at: datetime | None = None
+    #: For a compensation that failed: how many times it has failed so far...
+    attempts: int = 0
+    #: ... and whether it is now left to an operator (no more automatic tries).
+    escalated: bool = False
+    saga_id: UUID | None = None
+
+
+#: Given how many times a compensation has failed, how long to wait before the next
+#: try, or None to leave it to an operator.
+RetryAfter = Callable[[int], timedelta | None]
+#: A deadline no sweeper reaches: the saga waits for an operator.
+NEVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def complete(
@@ -140,7 +153,7 @@ def complete(
     saga: SagaHandlers,
     saga_id: UUID,
     *,
-    retry_after: timedelta,
+    retry_after: RetryAfter,
     abort_missing: str | None = None,
     running_only: bool = False,
 ) -> Completion:
@@ -149,8 +162,9 @@ def complete(
     Steps with no outcome raise StepsPending, unless ``abort_missing`` names the reason
     to record them as aborted with. Transient database errors propagate (retry later).
     A compensation that fails leaves the saga COMPENSATION_FAILED, to be tried again
-    after ``retry_after`` (by the sweeper); ``running_only`` leaves such a saga alone
-    (a step's completion attempt does not retry a compensation early)."""
+    by the sweeper after ``retry_after(failures so far)``, or, when that is None, left
+    to an operator (``Completion.escalated``); ``running_only`` leaves such a saga
+    alone (a step's completion attempt does not retry a compensation early)."""
     try:
         return _complete_once(engine, saga, saga_id, abort_missing, running_only=running_only)
     except _DecisionFailed as failed:
@@ -188,9 +202,9 @@ def _complete_once(
         decision = decide(saga.definition, outcomes, cancel_reason=cancel_reason)
         try:
             _carry_out(conn, saga, locked, decision)
-        except TRANSIENT_DB_ERRORS:
-            raise
         except Exception as exc:
+            if is_transient(exc):
+                raise
             logger.exception("saga %s: %s failed", saga_id, decision.state)
             raise _DecisionFailed(decision) from exc
         failpoint("complete.before_commit")
@@ -235,7 +249,7 @@ def _record_compensation_failure(
     saga: SagaHandlers,
     saga_id: UUID,
     failure: _DecisionFailed,
-    retry_after: timedelta,
+    retry_after: RetryAfter,
 ) -> Completion:
     reason = failure.decision.reason or "cancelled"
     problem = f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:2000]
@@ -243,9 +257,26 @@ def _record_compensation_failure(
         locked = store.lock_saga(conn, saga_id)
         if locked is None or locked.state in TERMINAL_STATES:
             return Completion(None)
-        retry_at = datetime.now(UTC) + retry_after
-        store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at)
+        # The first failure counts 1; each later try was counted by the sweeper's claim.
+        attempts = 1 if locked.state is SagaState.RUNNING else max(locked.recovery_attempts, 1)
+        wait = retry_after(attempts)
+        retry_at = NEVER if wait is None else datetime.now(UTC) + wait
+        store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at, attempts)
         saga.compensation_failed(conn, locked.payload, reason, problem)
-    logger.error("saga %s: compensation failed, retry at %s: %s", saga_id, retry_at, problem)
+    if wait is None:
+        logger.error(
+            "saga %s: compensation failed %d times; left to an operator: %s",
+            saga_id,
+            attempts,
+            problem,
+        )
+    else:
+        logger.error(
+            "saga %s: compensation failed (%d), retry at %s: %s",
+            saga_id,
+            attempts,
+            retry_at,
+            problem,
+        )
     decision = Decision(SagaState.COMPENSATION_FAILED, failure.decision.compensate, reason)
-    return Completion(decision, locked.created_at)
+    return Completion(decision, locked.created_at, attempts, wait is None, saga_id)

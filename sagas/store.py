@@ -28,6 +28,8 @@ class LockedSaga:
     outcomes: Mapping[str, StepOutcome]
     redrives: int = 0
     created_at: datetime | None = None
+    #: Times the sweeper took it up (for a saga whose compensation failed: the tries).
+    recovery_attempts: int = 0
 
 
 _s, _st = sagas.c, saga_steps.c
@@ -83,6 +85,7 @@ _LOCK = (
         _s.payload,
         _s.redrives,
         _s.created_at,
+        _s.recovery_attempts,
         _st.step,
         _st.status,
         _st.reason.label("step_reason"),
@@ -187,6 +190,7 @@ def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
         outcomes,
         first.redrives,
         first.created_at,
+        first.recovery_attempts,
     )
 
 
@@ -233,6 +237,7 @@ def claim_overdue(
             sagas.c.payload,
             sagas.c.redrives,
             sagas.c.created_at,
+            sagas.c.recovery_attempts,
         )
     ).first()
     if claimed is None:
@@ -246,12 +251,18 @@ def claim_overdue(
         read_ledger(conn, saga_id),
         claimed.redrives,
         claimed.created_at,
+        claimed.recovery_attempts,
     )
 
 
-def count_redrive(conn: Connection, saga_id: UUID) -> None:
-    """Record that the saga's chord was dispatched again."""
-    conn.execute(update(sagas).where(sagas.c.id == saga_id).values(redrives=sagas.c.redrives + 1))
+def count_redrive(conn: Connection, saga_id: UUID, next_deadline: datetime) -> None:
+    """Record that the saga's steps were dispatched again, and when to look next."""
+    conn.execute(
+        update(sagas)
+        .where(sagas.c.id == saga_id)
+        .where(sagas.c.state == SagaState.RUNNING)
+        .values(redrives=sagas.c.redrives + 1, deadline_at=next_deadline)
+    )
 
 
 def mark_compensated(conn: Connection, saga_id: UUID, steps: Iterable[str], now: datetime) -> None:
@@ -278,14 +289,19 @@ def finish_saga(
 
 
 def mark_compensation_failed(
-    conn: Connection, saga_id: UUID, reason: str, error: str, retry_at: datetime
+    conn: Connection, saga_id: UUID, reason: str, error: str, retry_at: datetime, attempts: int
 ) -> None:
-    """Record that the saga's compensation failed, and when to try it again."""
+    """Record that the saga's compensation failed for the ``attempts``-th time, and when
+    to try it again (the sweeper counts each later try in ``recovery_attempts``)."""
     conn.execute(
         update(sagas)
         .where(sagas.c.id == saga_id)
         .where(sagas.c.state.in_(ACTIVE_STATES))
         .values(
-            state=SagaState.COMPENSATION_FAILED, reason=reason, error=error, deadline_at=retry_at
+            state=SagaState.COMPENSATION_FAILED,
+            reason=reason,
+            error=error,
+            deadline_at=retry_at,
+            recovery_attempts=attempts,
         )
     )

@@ -1,9 +1,11 @@
 """The retry and dead-letter policy of every task, in one place.
 
-A transient error (the database or Redis unreachable, a dropped connection, a deadlock,
-a serialization failure) is retried with exponential backoff and jitter, capped; the
-delay grows from one attempt to the next until the cap. When the retries are used up,
-or the error is not transient, the message becomes a dead letter (workers.dlq), and the
+A transient error (``config.faults.is_transient``: the database or Redis unreachable, a
+dropped connection, a deadlock, a lock timeout) is retried with exponential backoff and
+jitter, capped; the delay grows from one attempt to the next until the cap. When the
+retries are used up, a saga's task leaves the saga to the sweeper (its state is in
+PostgreSQL; a transient fault never decides an order); any other task's message, and
+any message whose error is not transient, becomes a dead letter (workers.dlq), and the
 task fails, unless it declares a ``fallback`` result. A message that keeps crashing its
 worker is dead-lettered without running. Business refusals are return values, never
 errors, and never retry.
@@ -19,12 +21,9 @@ from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from kombu.exceptions import OperationalError as BrokerOperationalError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from orders.db import TRANSIENT_DB_ERRORS
+from config.faults import is_transient
 from workers import dlq
 from workers.runtime import Runtime
 
@@ -32,14 +31,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Infrastructure failures worth another attempt. A constraint violation is a bug and
-#: is not among them.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    *TRANSIENT_DB_ERRORS,
-    RedisConnectionError,
-    RedisTimeoutError,
-    BrokerOperationalError,  # a message could not be published
-)
 #: Quick tries of one database transaction inside a task, before the task itself retries
 #: (a serialization failure or a dropped connection usually passes in milliseconds).
 QUICK_TRIES = 3
@@ -62,7 +53,7 @@ def briefly_retried(action: Callable[[], T]) -> T:
     """Run a database action, trying it again a few times within half a second when it
     meets a transient error (tenacity); then let the error out."""
     for attempt in Retrying(
-        retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+        retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(QUICK_TRIES),
         wait=wait_random_exponential(multiplier=0.05, max=0.5),
         reraise=True,
@@ -84,6 +75,10 @@ class PolicyTask(Task):  # type: ignore[misc]
     retries: int | None = None
     #: Keep a dead letter when giving up (housekeeping that runs again soon does not).
     dead_letters: bool = True
+    #: When the retries for a transient fault are used up, leave the work to a sweeper
+    #: that finds it in PostgreSQL (a saga's steps and completion) instead of giving up:
+    #: a fault of the infrastructure never decides an order.
+    swept: bool = False
 
     def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
         """The result when the task gives up; the default fails it with ``exc``."""
@@ -101,7 +96,9 @@ class PolicyTask(Task):  # type: ignore[misc]
             return self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                return self.give_up("failed", exc, args, kwargs)
             allowed = settings.task_max_retries if self.retries is None else self.retries
             if request.retries < allowed:
                 delay = retry_delay(
@@ -115,9 +112,16 @@ class PolicyTask(Task):  # type: ignore[misc]
                     # The retry could not be published (the broker is down): give the
                     # message back instead of dropping it; it is delivered again.
                     raise Reject(unpublished.reason, requeue=True) from exc
+            if self.swept:
+                logger.warning(
+                    "%s[%s] still failing after %d attempts (%r); left to the sweeper",
+                    self.name,
+                    request.id,
+                    request.retries + 1,
+                    exc,
+                )
+                raise Ignore() from exc
             return self.give_up("exhausted", exc, args, kwargs)
-        except Exception as exc:
-            return self.give_up("failed", exc, args, kwargs)
 
     def give_up(
         self, kind: str, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]

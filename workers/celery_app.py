@@ -12,6 +12,7 @@ from config.celeryconf import celery_config
 from config.logs import bind_log_context, clear_log_context, configure_logging
 from config.settings import Settings, load_settings
 from workers.compat import apply_fixes
+from workers.liveness import LaneHeartbeat
 from workers.metrics import TASK_RETRIES, serve
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
@@ -44,6 +45,7 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
         runtime = Runtime(settings)
         app.orders_runtime = runtime  # for the consumer (workers.consumer)
         register_tasks(app, runtime)
+        app.steps["consumer"].add(LaneHeartbeat)
         _connect_signals(app, runtime)
     return app
 

@@ -38,6 +38,10 @@ STEP_DURATION = Histogram(
 )
 SAGAS_FINISHED = Counter("orders_sagas_finished_total", "Sagas decided, by state.", ["state"])
 TASK_RETRIES = Counter("orders_task_retries_total", "Task retries scheduled.", ["task"])
+COMPENSATIONS_ESCALATED = Counter(
+    "orders_compensations_escalated_total",
+    "Sagas whose compensation failed COMPENSATION_MAX_ATTEMPTS times (now dead letters).",
+)
 #: Priority sub-queues kombu keeps next to each queue (Redis has no native priorities).
 _PRIORITY_SEPARATOR = "\x06\x16"
 

@@ -32,8 +32,12 @@ class Runtime:
         self.order_saga = OrderSaga(on_credit=self._credit_changed)
         self.recovery = RecoveryPolicy(
             deadline=timedelta(seconds=settings.saga_deadline_seconds),
-            max_redrives=settings.max_redrives,
+            timeout=timedelta(seconds=settings.saga_timeout_seconds),
+            redrive_max=timedelta(seconds=settings.saga_redrive_max_seconds),
+            recheck=timedelta(seconds=settings.sweep_interval_seconds),
             compensation_retry=timedelta(seconds=settings.compensation_retry_seconds),
+            compensation_retry_max=timedelta(seconds=settings.compensation_retry_max_seconds),
+            compensation_max_attempts=settings.compensation_max_attempts,
         )
         self._engine: Engine | None = None
         self._redis: Redis | None = None

@@ -27,9 +27,9 @@ from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
 from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.recovery import sweep_overdue
-from workers import batch
+from workers import batch, dlq, liveness
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
-from workers.metrics import STEP_DURATION, record_completion
+from workers.metrics import COMPENSATIONS_ESCALATED, STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,16 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         _register_step(app, runtime, base, step.name, step.task)
     sagas = {ORDER_SAGA.name: runtime.order_saga}
 
-    @app.task(shared=False, name=names.COMPLETE_ORDER, base=base)
+    @app.task(shared=False, name=names.COMPLETE_ORDER, base=base, swept=True)
     def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
         """Chord body (or, with the database join, a step's completion that failed in
         the step): confirm the order, or compensate and cancel it (from the ledger)."""
-        _complete(runtime, UUID(saga_id))
+        try:
+            _complete(runtime, UUID(saga_id))
+        except runner.StepsPending:
+            # Sent on its own while another step had not committed: that step completes
+            # the saga when it does (or the sweeper, if it never does).
+            logger.info("saga %s: a step is still running; it completes the saga", saga_id)
 
     @app.task(shared=False, name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
     def relay() -> int:
@@ -61,7 +66,12 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     def sweep() -> dict[str, int]:
         """Redrive or finish the sagas past their deadline."""
         report = sweep_overdue(
-            runtime.engine, app, sagas, runtime.recovery, on_complete=record_completion
+            runtime.engine,
+            app,
+            sagas,
+            runtime.recovery,
+            lane_alive=lambda: liveness.consumers(runtime.redis, runtime.settings.saga_queue) > 0,
+            on_complete=lambda done: _completed(runtime, done),
         )
         return vars(report)
 
@@ -85,11 +95,32 @@ def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) ->
             runtime.engine,
             runtime.order_saga,
             saga_id,
-            retry_after=runtime.recovery.compensation_retry,
+            retry_after=runtime.recovery.compensation_wait,
             running_only=running_only,
         )
     )
+    _completed(runtime, done)
+
+
+def _completed(runtime: Runtime, done: runner.Completion) -> None:
+    """Count what a completion decided; a compensation that failed too often becomes a
+    dead letter (one per saga), which an operator replays (``python -m workers.dlq
+    replay ID``) once the cause is mended."""
     record_completion(done)
+    if not done.escalated:
+        return
+    COMPENSATIONS_ESCALATED.inc()
+    dlq.record(
+        runtime.engine,
+        task_id=f"{done.saga_id}.compensation",
+        task_name=names.COMPLETE_ORDER,
+        kind="compensation_failed",
+        error=f"the compensation failed {done.attempts} times; it is no longer retried",
+        args=[[], str(done.saga_id)],
+        kwargs={},
+        queue=runtime.settings.saga_queue,
+        attempts=done.attempts,
+    )
 
 
 def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
@@ -187,6 +218,7 @@ def _register_step(
 
     class StepTask(base):  # type: ignore[valid-type,misc]
         abstract = True
+        swept = True
 
         def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
             reason = POISON_MESSAGE if isinstance(exc, PoisonMessageError) else STEP_FAILED

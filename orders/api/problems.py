@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
-from orders.db import TRANSIENT_DB_ERRORS
+from config.faults import is_transient
 from orders.errors import (
     CreditPrecheckError,
     IdempotencyKeyReusedError,
@@ -92,16 +92,12 @@ def register_error_handlers(app: Flask) -> None:
     def not_found(exc: OrderNotFoundError) -> Response:
         return problem(404, "Not Found", str(exc))
 
-    for transient in TRANSIENT_DB_ERRORS:
-
-        @app.errorhandler(transient)
-        def database_unavailable(exc: Exception) -> Response:
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        if is_transient(exc):  # the database unreachable, restarting, a deadlock...
             logger.warning("database unavailable: %r", exc)
             response = problem(503, "Service Unavailable", "the database cannot be reached")
             response.headers["Retry-After"] = "5"
             return response
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> Response:
         logger.exception("unhandled error", exc_info=exc)
         return problem(500, "Internal Server Error")

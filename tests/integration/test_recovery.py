@@ -33,8 +33,16 @@ from tests.helpers import Credit, Stock, add_customer, add_product, credit_of, s
 from workers.celery_app import create_celery
 
 SAGA = OrderSaga()
-RETRY = timedelta(seconds=60)
-POLICY = RecoveryPolicy(deadline=timedelta(seconds=30), max_redrives=1, compensation_retry=RETRY)
+POLICY = RecoveryPolicy(
+    deadline=timedelta(seconds=30),
+    timeout=timedelta(hours=1),
+    redrive_max=timedelta(seconds=100),
+    recheck=timedelta(seconds=5),
+    compensation_retry=timedelta(seconds=60),
+    compensation_retry_max=timedelta(seconds=100),
+    compensation_max_attempts=3,
+)
+RETRY = POLICY.compensation_wait
 
 
 @pytest.fixture
@@ -85,6 +93,25 @@ def overdue(engine: Engine, saga_id: UUID) -> None:
             .where(sagas.c.id == saga_id)
             .values(deadline_at=datetime.now(UTC) - timedelta(seconds=1))
         )
+
+
+def timed_out(engine: Engine, saga_id: UUID) -> None:
+    """Accepted longer ago than the business timeout, and overdue."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(sagas)
+            .where(sagas.c.id == saga_id)
+            .values(
+                created_at=datetime.now(UTC) - POLICY.timeout - timedelta(seconds=1),
+                deadline_at=datetime.now(UTC) - timedelta(seconds=1),
+            )
+        )
+
+
+def waits(row: Any, expected: timedelta) -> bool:
+    """Whether the saga's next look is ``expected`` from now (give or take a second)."""
+    left = row.deadline_at - datetime.now(UTC)
+    return expected - timedelta(seconds=2) < left <= expected
 
 
 def saga_row(engine: Engine, saga_id: UUID) -> Any:
@@ -146,7 +173,7 @@ def test_aborting_a_step_that_already_applied_keeps_its_outcome(
     assert kept.status is StepStatus.APPLIED
 
 
-def test_the_sweeper_dispatches_an_overdue_saga_again_then_compensates_it(
+def test_the_sweeper_redrives_a_lost_saga_waiting_longer_each_time(
     engine: Engine, order: dict[str, Any], publisher: Celery, redis: Redis
 ) -> None:
     run(engine, order, RESERVE_STOCK)  # the credit step was lost with its message
@@ -157,15 +184,42 @@ def test_the_sweeper_dispatches_an_overdue_saga_again_then_compensates_it(
     assert redis.llen(names.SAGA_QUEUE) == 2  # the chord, sent again
     row = saga_row(engine, order["saga_id"])
     assert (row.state, row.redrives) == ("RUNNING", 1)
-    assert row.deadline_at > datetime.now(UTC)
+    assert waits(row, timedelta(seconds=60))
 
-    overdue(engine, order["saga_id"])  # the second chance ran out too
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+    for redrives, wait in ((2, 100), (3, 100)):  # lost again: still redriven, capped wait
+        overdue(engine, order["saga_id"])
+        report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+        assert (report.redriven, report.completed) == (1, 0)
+        row = saga_row(engine, order["saga_id"])
+        assert (row.state, row.redrives) == ("RUNNING", redrives)
+        assert waits(row, timedelta(seconds=wait))
+    assert order_row(engine, order["order_id"]).status == "PENDING"
+
+
+def test_a_saga_waits_unrefused_while_no_worker_consumes_its_lane(
+    engine: Engine, order: dict[str, Any], publisher: Celery, redis: Redis
+) -> None:
+    overdue(engine, order["saga_id"])
+
+    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_alive=lambda: False)
+    assert (report.waiting, report.redriven, report.completed) == (1, 0, 0)
+    assert redis.llen(names.SAGA_QUEUE) == 0  # nothing piles up in the queue
+    row = saga_row(engine, order["saga_id"])
+    assert (row.state, row.redrives) == ("RUNNING", 0)
+    assert waits(row, POLICY.recheck)  # looked at again soon: redriven once workers are back
+    assert order_row(engine, order["order_id"]).status == "PENDING"
+
+
+def test_a_saga_past_its_business_timeout_is_cancelled_and_released(
+    engine: Engine, order: dict[str, Any], publisher: Celery, redis: Redis
+) -> None:
+    run(engine, order, RESERVE_STOCK)
+    timed_out(engine, order["saga_id"])
+
+    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_alive=lambda: False)
     assert (report.redriven, report.completed) == (0, 1)
-    assert (
-        order_row(engine, order["order_id"]).status,
-        order_row(engine, order["order_id"]).cancel_reason,
-    ) == ("CANCELLED", "deadline_exceeded")
+    row = order_row(engine, order["order_id"])
+    assert (row.status, row.cancel_reason) == ("CANCELLED", "timed_out")
     assert stock_of(engine, order["product"]) == Stock(5, 0)
     assert ledger(engine, order["saga_id"]) == {
         RESERVE_STOCK: "COMPENSATED",
@@ -194,12 +248,11 @@ def test_sweepers_racing_on_one_saga_compensate_it_once(
     engine: Engine, order: dict[str, Any], publisher: Celery
 ) -> None:
     run(engine, order, RESERVE_CREDIT)
-    policy = replace(POLICY, max_redrives=0)
-    overdue(engine, order["saga_id"])
+    timed_out(engine, order["saga_id"])
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         reports = list(
-            pool.map(lambda _: sweep_overdue(engine, publisher, {"order": SAGA}, policy), range(4))
+            pool.map(lambda _: sweep_overdue(engine, publisher, {"order": SAGA}, POLICY), range(4))
         )
     assert sum(r.completed for r in reports) == 1
     assert credit_of(engine, order["customer"]) == Credit(
@@ -230,7 +283,7 @@ def test_a_step_committing_while_the_sweeper_aborts_it_is_compensated(
 
     def sweep() -> None:
         runner.complete(
-            engine, SAGA, order["saga_id"], retry_after=RETRY, abort_missing="deadline_exceeded"
+            engine, SAGA, order["saga_id"], retry_after=RETRY, abort_missing="timed_out"
         )
         done.set()
 
@@ -310,6 +363,38 @@ def test_a_compensation_that_fails_is_visible_and_finished_by_a_later_retry(
         "OrderCancelled",
     ]
     assert saga_row(engine, order["saga_id"]).error is None
+
+
+def test_a_compensation_that_keeps_failing_backs_off_then_is_left_to_an_operator(
+    engine: Engine, publisher: Celery
+) -> None:
+    order = accept(engine, limit="5.00")
+    run(engine, order, RESERVE_STOCK)
+    run(engine, order, RESERVE_CREDIT)
+    done = runner.complete(engine, FailingRelease(), order["saga_id"], retry_after=RETRY)
+    assert (done.attempts, done.escalated) == (1, False)
+    assert waits(saga_row(engine, order["saga_id"]), timedelta(seconds=60))
+
+    decided: list[runner.Completion] = []
+    for attempts, wait in ((2, 100), (3, None)):  # 60 s doubled, capped at 100 s; then none
+        overdue(engine, order["saga_id"])
+        sweep_overdue(
+            engine, publisher, {"order": FailingRelease()}, POLICY, on_complete=decided.append
+        )
+        assert (decided[-1].attempts, decided[-1].escalated) == (attempts, wait is None)
+        row = saga_row(engine, order["saga_id"])
+        assert (row.state, row.recovery_attempts) == ("COMPENSATION_FAILED", attempts)
+        if wait is not None:
+            assert waits(row, timedelta(seconds=wait))
+        else:
+            assert row.deadline_at == runner.NEVER  # no sweeper takes it up again
+    assert decided[-1].saga_id == order["saga_id"]
+    assert sweep_overdue(engine, publisher, {"order": SAGA}, POLICY).completed == 0
+
+    # An operator, the cause mended, retries it by hand.
+    done = runner.complete(engine, SAGA, order["saga_id"], retry_after=RETRY)
+    assert done.decision is not None and done.decision.state is SagaState.CANCELLED
+    assert stock_of(engine, order["product"]) == Stock(5, 0)
 
 
 def test_the_api_answers_503_while_the_database_is_unreachable(settings: Settings) -> None:

@@ -6,7 +6,7 @@ from config import names
 from config.celeryconf import celery_config
 from config.settings import Settings
 from sagas.order import ORDER_SAGA
-from workers.base import TRANSIENT_ERRORS, retry_delay
+from workers.base import retry_delay
 
 CONFIG = celery_config(Settings(visibility_timeout=300, task_time_limit=60))
 
@@ -46,12 +46,6 @@ def test_lanes_take_the_queue_names_the_settings_give() -> None:
 
 def test_stores_no_task_results_by_default() -> None:
     assert CONFIG["task_ignore_result"] is True
-
-
-def test_retries_infrastructure_errors_only() -> None:
-    from sqlalchemy.exc import IntegrityError
-
-    assert not any(issubclass(IntegrityError, kind) for kind in TRANSIENT_ERRORS)
 
 
 def test_retry_delays_grow_with_jitter_up_to_the_cap() -> None:

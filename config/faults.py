@@ -1,0 +1,75 @@
+"""Which failures pass with time (retry them) and which are final: decided here only.
+
+A fault of the infrastructure is never an answer about an order. Every place that
+retries, answers 503 or gives up asks ``is_transient``::
+
+    Exception
+     ├── transient: the same work, tried again later, can succeed
+     │    ├── sqlalchemy.exc.OperationalError, InterfaceError   connection refused or
+     │    │     dropped, server restarting (57P01 admin shutdown, 57P03 cannot connect
+     │    │     now), too many connections (53300), deadlock (40P01), serialization
+     │    │     failure (40001), lock timeout (55P03), statement timeout (57014)
+     │    ├── any sqlalchemy.exc.DBAPIError whose connection was invalidated, or whose
+     │    │     SQLSTATE is of class 08 (connection), 40 (rollback), 53 (resources),
+     │    │     57P (operator intervention), or 25006 (read-only: a failover under way)
+     │    ├── sqlalchemy.exc.TimeoutError                       no pooled connection free
+     │    ├── sqlalchemy.exc.PendingRollbackError, ResourceClosedError raised while a
+     │    │     transient fault was being handled (a connection lost mid-transaction)
+     │    ├── redis ConnectionError (BusyLoadingError too), TimeoutError, ReadOnlyError
+     │    └── kombu.exceptions.OperationalError                 a message not published
+     └── final: everything else (a constraint violation, a bug, bad data)
+"""
+
+from __future__ import annotations
+
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    ResourceClosedError,
+    TimeoutError,
+)
+
+#: Transient by their class alone.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisReadOnlyError,
+    BrokerOperationalError,
+)
+#: SQLSTATE prefixes of faults that pass: connection exceptions, transaction rollbacks
+#: (serialization, deadlock), insufficient resources, operator intervention (shutdown,
+#: restart, a cancelled statement), a lock not available, a read-only transaction.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "57P", "57014", "55P03", "25006")
+#: Raised by SQLAlchemy when a connection broke under the work that was going on: they
+#: are transient when what they interrupted was.
+_AFTERMATH = (PendingRollbackError, ResourceClosedError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the infrastructure that passes with time."""
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = getattr(exc.orig, "pgcode", None) or ""
+        return code.startswith(_TRANSIENT_SQLSTATES)
+    if isinstance(exc, _AFTERMATH):
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and is_transient(cause)
+    return False
+
+
+def transient_types() -> tuple[type[BaseException], ...]:
+    """The classes that are transient whatever their details (for error handlers that
+    dispatch by class; they still ask ``is_transient`` of the others)."""
+    return _TRANSIENT_TYPES
