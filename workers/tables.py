@@ -80,8 +80,15 @@ batch_runs = Table(
     Column("chunks_failed", Integer, nullable=False, server_default="0"),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    #: Customers per chunk when the run was cut (a resume publishes the same chunks).
+    Column("chunk_size", Integer),
+    #: How often the batch sweep published the run's missing chunks again, and when last.
+    Column("resumes", Integer, nullable=False, server_default="0"),
+    Column("resumed_at", DateTime(timezone=True)),
+    #: Why the sweep gave up on the run (state FAILED).
+    Column("reason", Text),
     UniqueConstraint("job", "window_key", name="uq_batch_runs_job_window"),
-    CheckConstraint("state IN ('PUBLISHING', 'RUNNING', 'FINISHED')", name="known_state"),
+    CheckConstraint("state IN ('PUBLISHING', 'RUNNING', 'FINISHED', 'FAILED')", name="known_state"),
 )
 
 #: One row per finished chunk of a run: a redelivered chunk counts once.
