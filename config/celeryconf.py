@@ -92,5 +92,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.events_check_every_seconds,
                 "options": {"expires": settings.events_check_every_seconds * 2},
             },
+            "sweep-batch-runs": {
+                "task": names.SWEEP_BATCH_RUNS,
+                "schedule": settings.batch_sweep_interval_seconds,
+                "options": {"expires": settings.batch_sweep_interval_seconds * 2},
+            },
         },
     }

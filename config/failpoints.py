@@ -32,6 +32,7 @@ KNOWN = {
     "complete.after_commit": "the saga is decided, its message not yet acknowledged",
     "compensate.release": "a compensation is about to release a reservation",
     "credit_check.chunk": "a chunk of a credit check runs (key: the chunk's number)",
+    "batch.publish": "a batch run publishes its chunks (key: the number of the next one)",
 }
 
 

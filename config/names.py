@@ -39,6 +39,9 @@ SWEEP_SAGAS = "housekeeping.sweep_sagas"
 
 #: The event consumers' integrity check: apply what a consumer missed.
 CHECK_EVENTS = "housekeeping.check_events"
+#: Batch sweep: resume batch runs whose chunks were not all published or went missing,
+#: or fail them.
+SWEEP_BATCH_RUNS = "housekeeping.sweep_batch_runs"
 
 #: Batch credit check: start a run (beat, on demand), and one chunk of it.
 START_CREDIT_CHECK = "batch.credit_check.start"
@@ -60,6 +63,7 @@ ROUTES: dict[str, Lane] = {
     RELAY_OUTBOX: Lane.DEFAULT,
     SWEEP_SAGAS: Lane.DEFAULT,
     CHECK_EVENTS: Lane.DEFAULT,
+    SWEEP_BATCH_RUNS: Lane.DEFAULT,
     START_CREDIT_CHECK: Lane.DEFAULT,
     CREDIT_CHECK_CHUNK: Lane.BATCH,
     TEST_FLAKY: Lane.DEFAULT,

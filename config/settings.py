@@ -120,6 +120,18 @@ class Settings:
     credit_check_every_seconds: float = 0.0
     #: Customers per chunk of a credit check.
     credit_check_chunk_size: int = 100
+    #: How often beat runs the batch sweep (stalled batch runs resumed or failed).
+    batch_sweep_interval_seconds: float = 30.0
+    #: A run still publishing its chunks this long after it started (or was resumed)
+    #: lost its publisher: the sweep publishes its missing chunks.
+    batch_publish_grace_seconds: float = 60.0
+    #: A running run with no chunk outcome for this long lost chunk messages: the sweep
+    #: publishes the chunks without an outcome again. Keep it above VISIBILITY_TIMEOUT
+    #: and the longest time chunks may wait in their lane.
+    batch_stall_seconds: float = 600.0
+    #: Resumes of one run, after which the sweep fails it (its missing chunks become
+    #: failed chunks and dead letters).
+    batch_max_resumes: int = 3
     #: Bearer tokens of operators: the dead-letter queue and batch runs (/admin, /batches).
     admin_api_keys: frozenset[str] = frozenset()
     #: How a saga's steps are joined: "chord" (a Celery chord; its body completes the
@@ -324,6 +336,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         credit_check_chunk_size=_number(
             env, "CREDIT_CHECK_CHUNK_SIZE", int, d.credit_check_chunk_size
         ),
+        batch_sweep_interval_seconds=_number(
+            env, "BATCH_SWEEP_INTERVAL_SECONDS", float, d.batch_sweep_interval_seconds
+        ),
+        batch_publish_grace_seconds=_number(
+            env, "BATCH_PUBLISH_GRACE_SECONDS", float, d.batch_publish_grace_seconds
+        ),
+        batch_stall_seconds=_number(env, "BATCH_STALL_SECONDS", float, d.batch_stall_seconds),
+        batch_max_resumes=_number(env, "BATCH_MAX_RESUMES", int, d.batch_max_resumes),
         admin_api_keys=frozenset(
             k.strip() for k in env.get("ADMIN_API_KEYS", "").split(",") if k.strip()
         ),

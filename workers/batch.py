@@ -15,25 +15,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from celery import Celery
-from sqlalchemy import Connection, Engine, case, literal, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from config import names
+from config.cli import ToolError, ToolSettings
 from config.failpoints import failpoint
 from config.settings import Settings
 from orders.credit_review import review_customers
 from orders.tables import customers
+from workers import dlq
 from workers.tables import batch_chunks, batch_runs
 
 JOB = "credit_check"
+#: The states of a run not over yet.
+ACTIVE = ("PUBLISHING", "RUNNING")
+logger = logging.getLogger(__name__)
 _r, _k = batch_runs.c, batch_chunks.c
 
 
@@ -54,6 +60,10 @@ class RunStatus:
     chunks_failed: int
     started_at: str
     finished_at: str | None
+    #: How often the batch sweep resumed the run.
+    resumes: int = 0
+    #: Why the sweep gave up on the run (state FAILED).
+    reason: str | None = None
 
     @property
     def progress(self) -> float:
@@ -71,13 +81,12 @@ def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -
     """Start the run of ``window``, or nothing if it was started already (by another
     beat). The run commits first (PUBLISHING), then its chunks are published, then it
     is RUNNING: a chunk never arrives before its run. A start that fails or dies while
-    publishing is retried (or delivered again) and publishes every chunk again; a chunk
-    delivered twice counts once."""
+    publishing is retried (or delivered again), or the batch sweep takes the run up: the
+    chunks without an outcome are published again; a chunk delivered twice counts once."""
     now = datetime.now(UTC)
+    size = settings.credit_check_chunk_size
     with engine.begin() as conn:
-        ids = list(conn.execute(select(customers.c.id).order_by(customers.c.id)).scalars())
-        size = settings.credit_check_chunk_size
-        chunks = [ids[n : n + size] for n in range(0, len(ids), size)]
+        chunks = _cut(conn, size)
         run_id: UUID | None = conn.execute(
             insert(batch_runs)
             .values(
@@ -85,8 +94,9 @@ def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -
                 job=JOB,
                 window_key=window,
                 state="PUBLISHING" if chunks else "FINISHED",
-                total=len(ids),
+                total=sum(map(len, chunks)),
                 chunks=len(chunks),
+                chunk_size=size,
                 started_at=now,
                 finished_at=None if chunks else now,
             )
@@ -95,16 +105,40 @@ def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -
         ).scalar()
         if run_id is None:
             earlier = conn.execute(
-                select(_r.id, _r.state, _r.chunks).where(_r.job == JOB, _r.window_key == window)
+                select(batch_runs).where(_r.job == JOB, _r.window_key == window)
             ).one()
             if earlier.state != "PUBLISHING":
                 return None
-            run_id, chunks = earlier.id, chunks[: earlier.chunks]
+            run_id, pending = earlier.id, _pending(conn, earlier, size)
+        else:
+            pending = dict(enumerate(chunks))
+    _publish(engine, app, run_id, pending)
+    return run_id
+
+
+def _cut(conn: Connection, size: int) -> list[list[str]]:
+    """Every customer, in id order, cut into chunks of ``size``."""
+    ids = list(conn.execute(select(customers.c.id).order_by(customers.c.id)).scalars())
+    return [ids[n : n + size] for n in range(0, len(ids), size)]
+
+
+def _pending(conn: Connection, run: Any, size: int) -> dict[int, list[str]]:
+    """The run's chunks without an outcome, by number, cut as the run was cut."""
+    done = set(conn.execute(select(_k.chunk).where(_k.run_id == run.id)).scalars())
+    chunks = _cut(conn, run.chunk_size or size)
+    # Customers removed since the run was cut leave its last chunks empty (they still
+    # count, as chunks of nobody).
+    return {n: chunks[n] if n < len(chunks) else [] for n in range(run.chunks) if n not in done}
+
+
+def _publish(engine: Engine, app: Celery, run_id: UUID, chunks: dict[int, list[str]]) -> None:
+    """Publish these chunks of the run, then mark it RUNNING (if it was publishing)."""
     with app.producer_or_acquire() as producer:
-        for number, chunk in enumerate(chunks):
+        for number, ids in chunks.items():
+            failpoint("batch.publish", key=number)
             app.send_task(
                 names.CREDIT_CHECK_CHUNK,
-                args=(str(run_id), number, chunk),
+                args=(str(run_id), number, ids),
                 task_id=f"{run_id}.chunk-{number}",
                 producer=producer,
             )
@@ -114,7 +148,6 @@ def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -
             .where(_r.id == run_id, _r.state == "PUBLISHING")
             .values(state="RUNNING")
         )
-    return run_id
 
 
 def run_chunk(engine: Engine, run_id: UUID, number: int, customer_ids: list[str]) -> int:
@@ -185,15 +218,144 @@ def _claim(
 
 
 def _finish_if_complete(conn: Connection, run_id: UUID, now: datetime) -> None:
+    """FINISHED once every chunk has an outcome (a FAILED run stays failed)."""
     conn.execute(
         update(batch_runs)
-        .where(_r.id == run_id)
+        .where(_r.id == run_id, _r.state.in_(ACTIVE))
         .where(_r.chunks_done + _r.chunks_failed == _r.chunks)
+        .values(state="FINISHED", finished_at=now)
+    )
+
+
+@dataclass
+class SweepReport:
+    """What one batch sweep did."""
+
+    resumed: int = 0
+    failed: int = 0
+
+
+#: When a run last moved: its start, its last resume or its last chunk outcome.
+_last_moved = func.greatest(
+    _r.started_at,
+    _r.resumed_at,
+    select(func.max(_k.finished_at)).where(_k.run_id == _r.id).scalar_subquery(),
+)
+
+
+def _stalled(settings: Settings, now: datetime) -> ColumnElement[bool]:
+    publishing_since = now - timedelta(seconds=settings.batch_publish_grace_seconds)
+    running_since = now - timedelta(seconds=settings.batch_stall_seconds)
+    return or_(
+        and_(_r.state == "PUBLISHING", _last_moved < publishing_since),
+        and_(_r.state == "RUNNING", _last_moved < running_since),
+    )
+
+
+def sweep_runs(
+    engine: Engine, app: Celery, settings: Settings, *, now: datetime | None = None
+) -> SweepReport:
+    """Take up the runs that stopped moving, however they were started: one still
+    PUBLISHING ``batch_publish_grace_seconds`` after it last moved (its publisher died
+    or lost the broker), or RUNNING with no chunk outcome for ``batch_stall_seconds``
+    (chunk messages lost). Each is resumed, its chunks without an outcome published
+    again, up to ``batch_max_resumes`` times; then it is FAILED with a reason, its
+    missing chunks counted failed and kept as dead letters (a replay runs them). One
+    transaction per run, its row locked: two sweeps never take up one run together."""
+    now = now or datetime.now(UTC)
+    report = SweepReport()
+    with engine.connect() as conn:
+        stalled = list(conn.execute(select(_r.id).where(_stalled(settings, now))).scalars())
+    for run_id in stalled:
+        with engine.begin() as conn:
+            run = conn.execute(
+                select(batch_runs)
+                .where(_r.id == run_id, _stalled(settings, now))
+                .with_for_update(skip_locked=True)
+            ).first()
+            if run is None:
+                continue  # it moved meanwhile, or another sweep has it
+            pending = _pending(conn, run, settings.credit_check_chunk_size)
+            giving_up = run.resumes >= settings.batch_max_resumes
+            if giving_up:
+                lost, reason = _give_up(conn, run, pending, now)
+            else:
+                conn.execute(
+                    update(batch_runs)
+                    .where(_r.id == run_id)
+                    .values(resumes=_r.resumes + 1, resumed_at=now)
+                )
+        if giving_up:
+            logger.error("batch run %s failed: %s", run_id, reason)
+            _keep_as_dead_letters(engine, settings, run_id, lost, reason)
+            report.failed += 1
+        else:
+            logger.warning(
+                "batch run %s (%s) stalled: %d chunk(s) published again (resume %d of %d)",
+                run_id,
+                run.state,
+                len(pending),
+                run.resumes + 1,
+                settings.batch_max_resumes,
+            )
+            _publish(engine, app, run_id, pending)
+            report.resumed += 1
+    return report
+
+
+def _give_up(
+    conn: Connection, run: Any, pending: dict[int, list[str]], now: datetime
+) -> tuple[dict[int, list[str]], str]:
+    """Fail the run: its chunks without an outcome count as failed (a late or replayed
+    chunk still moves its customers to processed). Return those chunks and the reason."""
+    numbers = ", ".join(map(str, list(pending)[:20])) + (", ..." if len(pending) > 20 else "")
+    reason = (
+        f"{run.state}: no outcome for chunk(s) {numbers} of {run.chunks}"
+        f" after {run.resumes} resume(s)"
+    )
+    lost: dict[int, list[str]] = {}
+    if pending:
+        written = conn.execute(
+            insert(batch_chunks)
+            .values(
+                [
+                    {"run_id": run.id, "chunk": n, "size": len(ids), "state": "FAILED"}
+                    | {"finished_at": now}
+                    for n, ids in pending.items()
+                ]
+            )
+            .on_conflict_do_nothing()
+            .returning(_k.chunk)
+        ).scalars()
+        lost = {number: pending[number] for number in written}
+    conn.execute(
+        update(batch_runs)
+        .where(_r.id == run.id)
         .values(
-            state="FINISHED",
-            finished_at=case((_r.finished_at.is_(None), now), else_=_r.finished_at),
+            state="FAILED",
+            reason=reason,
+            finished_at=now,
+            failed=_r.failed + sum(map(len, lost.values())),
+            chunks_failed=_r.chunks_failed + len(lost),
         )
     )
+    return lost, reason
+
+
+def _keep_as_dead_letters(
+    engine: Engine, settings: Settings, run_id: UUID, lost: dict[int, list[str]], reason: str
+) -> None:
+    """The chunks a failed run gave up on, as dead letters an operator can replay."""
+    for number, ids in lost.items():
+        dlq.record(
+            engine,
+            task_id=f"{run_id}.chunk-{number}",
+            task_name=names.CREDIT_CHECK_CHUNK,
+            kind="exhausted",
+            error=f"batch run failed: {reason}",
+            args=[str(run_id), number, ids],
+            queue=settings.batch_queue,
+        )
 
 
 def run_status(engine: Engine, run_id: UUID) -> RunStatus | None:
@@ -225,6 +387,8 @@ def _status(row: Any) -> RunStatus:
         row.chunks_failed,
         row.started_at.isoformat(),
         row.finished_at.isoformat() if row.finished_at else None,
+        row.resumes,
+        row.reason,
     )
 
 
@@ -234,8 +398,8 @@ def on_demand_window() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The operators' command line."""
-    from config.settings import load_settings
+    """The operators' command line (settings from the environment, completed from the
+    ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
     from orders.db import make_engine
     from workers.celery_app import create_celery
 
@@ -245,21 +409,61 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="a run's progress").add_argument("run_id", type=UUID)
     commands.add_parser("list", help="the latest runs")
     args = parser.parse_args(argv)
-    settings = load_settings()
+    try:
+        tool = ToolSettings()
+        tool.require_database()
+        if args.command == "start":
+            tool.require_broker()
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    settings = tool.settings
     engine = make_engine(settings, application_name="orders-batch")
-    if args.command == "start":
-        app = create_celery(settings, publisher=True)
-        run_id = start_run(engine, app, settings, window=on_demand_window())
-        print(json.dumps({"run_id": str(run_id)}))
-    elif args.command == "status":
-        status = run_status(engine, args.run_id)
-        if status is None:
-            print(f"error: no run {args.run_id}", file=sys.stderr)
-            return 1
-        print(json.dumps(status.to_dict(), indent=2))
-    else:
-        for status in latest_runs(engine):
-            print(json.dumps(status.to_dict()))
+    try:
+        if args.command == "start":
+            return _start_command(engine, create_celery(settings, publisher=True), tool)
+        if args.command == "status":
+            status = run_status(engine, args.run_id)
+            if status is None:
+                print(f"error: no run {args.run_id}", file=sys.stderr)
+                return 1
+            print(json.dumps(status.to_dict(), indent=2))
+        else:
+            for status in latest_runs(engine):
+                print(json.dumps(status.to_dict()))
+    except Exception as exc:
+        explained = tool.explain(exc)
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _start_command(engine: Engine, app: Celery, tool: ToolSettings) -> int:
+    """Start a run now; a broker lost while publishing leaves it to the batch sweep."""
+    window = on_demand_window()
+    try:
+        run_id = start_run(engine, app, tool.settings, window=window)
+    except Exception as exc:
+        explained = tool.explain(exc)
+        if explained is None:
+            raise
+        with engine.connect() as conn:
+            run_id = conn.execute(select(_r.id).where(_r.window_key == window)).scalar()
+        print(f"error: {explained}", file=sys.stderr)
+        if run_id is not None:
+            wait = tool.settings.batch_publish_grace_seconds
+            print(
+                f"  run {run_id} is recorded but not all its chunks were published: the"
+                f" batch sweep (beat) publishes them once the broker answers (after"
+                f" {wait:g} s); `python -m workers.batch status {run_id}` shows it",
+                file=sys.stderr,
+            )
+        return 1
+    print(json.dumps({"run_id": str(run_id)}))
     return 0
 
 

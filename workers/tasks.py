@@ -124,7 +124,7 @@ def _completed(runtime: Runtime, done: runner.Completion) -> None:
 
 
 def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
-    """The batch credit check: a start per schedule tick, and its chunks."""
+    """The batch credit check: a start per schedule tick, its chunks, and the sweep."""
 
     class StartTask(base):  # type: ignore[valid-type,misc]
         abstract = True
@@ -160,6 +160,11 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
         return briefly_retried(
             lambda: batch.run_chunk(runtime.engine, UUID(run_id), number, customer_ids)
         )
+
+    @app.task(shared=False, name=names.SWEEP_BATCH_RUNS, base=base, retries=0, dead_letters=False)
+    def sweep_batch_runs() -> dict[str, int]:
+        """Resume the runs that stopped moving (chunks unpublished or lost), or fail them."""
+        return vars(batch.sweep_runs(runtime.engine, app, runtime.settings))
 
 
 def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
