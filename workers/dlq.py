@@ -300,8 +300,9 @@ def parse_age(text: str) -> timedelta:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The operators' command line."""
-    from config.settings import load_settings
+    """The operators' command line (settings from the environment, completed from the
+    ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
+    from config.cli import ToolError, ToolSettings
     from orders.db import make_engine
     from sagas.order import DEFINITIONS
     from workers.celery_app import create_celery
@@ -323,7 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         "ids", type=int, nargs="+"
     )
     args = parser.parse_args(argv)
-    settings = load_settings()
+    try:
+        tool = ToolSettings()
+        tool.require_database()
+        if args.command == "replay":
+            tool.require_broker()
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    settings = tool.settings
     engine = make_engine(settings, application_name="orders-dlq")
     which = Filter(
         getattr(args, "task", None),
@@ -352,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     except DeadLetterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        explained = tool.explain(exc)
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
     return 0
 
 
