@@ -100,6 +100,8 @@ class Settings:
     retry_backoff_max_seconds: float = 30.0
     #: A message delivered more often than this (its worker crashed each time) is not run.
     max_redeliveries: int = 5
+    #: A message body larger than this is not decoded: it becomes a dead letter (too_large).
+    max_message_bytes: int = 1024 * 1024
     #: The outbox relay leaves a fresh record this long to the API's own dispatch.
     outbox_grace_seconds: float = 2.0
     #: How often beat runs the outbox relay.
@@ -204,6 +206,7 @@ class Settings:
             "max_order_lines",
             "max_line_quantity",
             "max_redeliveries",
+            "max_message_bytes",
             "credit_check_chunk_size",
             "compensation_max_attempts",
         ):
@@ -311,6 +314,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "DB_IDLE_IN_TRANSACTION_SECONDS", float, d.db_idle_in_transaction_seconds
         ),
         max_redeliveries=_number(env, "MAX_REDELIVERIES", int, d.max_redeliveries),
+        max_message_bytes=_number(env, "MAX_MESSAGE_BYTES", int, d.max_message_bytes),
         task_max_retries=_number(env, "TASK_MAX_RETRIES", int, d.task_max_retries),
         retry_backoff_seconds=_number(env, "RETRY_BACKOFF_SECONDS", float, d.retry_backoff_seconds),
         retry_backoff_max_seconds=_number(
