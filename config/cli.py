@@ -80,6 +80,9 @@ class ToolSettings:
         """What to do when the server named by ``variable`` does not answer."""
         if variable in self.from_file:
             return f"is `make run` running? ({self.env_file} is from its last start)"
+        if variable in self.given:
+            also = f", or unset it to use {self.env_file}" if self.env_file.is_file() else ""
+            return f"check {variable} (server, port, password){also}"
         return f"start `make run` (it writes {self.env_file}), or set {variable}"
 
     def database_unreachable(self, exc: Exception) -> ToolError:
@@ -144,5 +147,7 @@ class ToolSettings:
 
 def _first_line(exc: Exception) -> str:
     cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, redis.AuthenticationError) or "authenticated" in str(cause):
+        return "it refused us: the password in the URL is wrong or missing"
     lines = str(cause).strip().splitlines()
     return lines[0] if lines else type(cause).__name__
