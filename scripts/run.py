@@ -1,9 +1,11 @@
 """``make run``: the whole system on this machine with local defaults.
 
 Starts PostgreSQL, Redis (the broker) and a second Redis for the caches on 127.0.0.1
-(data in ``.run/``), migrates the schema, seeds demo products and customers, then runs
-the Procfile (API, a worker per lane, the event consumers, beat, Flower) under honcho.
-Ctrl-C stops everything, the servers included.
+(data in ``.run/``, or in ``RUN_DIR``), migrates the schema, seeds demo products and
+customers, then runs the Procfile (API, a worker per lane, the event consumers, beat,
+Flower) under ``scripts.supervise``: a process that exits is started again, with a
+backoff, and the others go on. Ctrl-C (SIGINT) or SIGTERM stops every process, then
+the servers.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 from pathlib import Path
 
 from scripts.services import LocalPostgres, LocalRedis, free_port, port_is_free
+from scripts.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = ROOT / ".run"
+RUN_DIR = Path(os.environ.get("RUN_DIR") or ROOT / ".run").resolve()
 BIN = Path(sys.executable).parent
 
 
@@ -43,8 +46,22 @@ def _secrets() -> dict[str, str]:
     return made
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> int:
-    """Start everything; return honcho's exit code."""
+    """Start everything, keep the Procfile's processes running until Ctrl-C or SIGTERM,
+    then stop them and the servers."""
+    # Until the supervisor takes over, SIGTERM stops what was started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _run()
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     keys = _secrets()
     pg = LocalPostgres(RUN_DIR, _port(5432))
@@ -97,24 +114,18 @@ def main() -> int:
 """,
             flush=True,
         )
-        honcho = subprocess.Popen(
-            [str(BIN / "honcho"), "start", "-f", "Procfile"], cwd=ROOT, env=process_env
-        )
-        stopping = []
-
-        def stop(*_: object) -> None:
-            stopping.append(True)
-            honcho.terminate()
-
-        # Ctrl-C reaches honcho through the terminal; SIGTERM is passed on by hand.
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        code = honcho.wait()
-        return 0 if stopping else code
+        # Each process runs in a session of its own: Ctrl-C reaches the supervisor
+        # only, which stops them all (SIGTERM, then SIGKILL) before returning.
+        supervisor = Supervisor.from_procfile(ROOT / "Procfile", env=process_env, cwd=ROOT)
+        return supervisor.run()
     finally:
+        # The servers go last, whatever signal comes meanwhile.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cache.stop()
         redis.stop()
         pg.stop()
+        print("make run: every process and server stopped", flush=True)
 
 
 if __name__ == "__main__":
