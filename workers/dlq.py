@@ -9,12 +9,41 @@ their arguments, error and attempts for an operator to list, show, replay or pur
 Replaying sends the task again with the same arguments to the same lane; replaying a
 step of a saga dispatches the whole saga again, which resumes it (its steps are
 idempotent) or lets it be compensated.
+
+Each letter has a kind. A task that gave up (workers.base) leaves one of:
+
+    exhausted             a transient error outlasted the task's retries
+    failed                an error that is not transient
+    poison                the message crashed its worker more than MAX_REDELIVERIES times
+
+A message no task ever ran (workers.consumer; workers.compat for list items kombu
+cannot read) leaves one of these, with the item's bytes as ``raw``:
+
+    undecodable           bytes that cannot be read: a list item that is not JSON (or not
+                          UTF-8), or a body its encoding or content type cannot decode
+    not_an_envelope       JSON, but not the envelope kombu writes (an object with headers
+                          and properties holding a delivery tag and delivery info)
+    refused_content_type  a body in a serializer the workers refuse (pickle, YAML,
+                          msgpack: they accept JSON only)
+    too_large             a body over MAX_MESSAGE_BYTES (not decoded)
+    malformed_body        a body that is not [args, kwargs, embed]: a list, an object,
+                          an object or null
+    malformed_headers     headers no task message has: no task name or id, a time limit,
+                          retry count, ETA or expiry of the wrong form
+    unknown_task          a task no worker registers
+    bad_arguments         arguments the task cannot take: too many or too few, unknown
+                          names, the wrong types, a saga or run id that is not a UUID
+    unprocessable         anything else Celery could not take in (the error says what)
+
+Letters of those kinds, but for unknown_task (the task may have been deployed since),
+are not replayed: they hold no task that could run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import uuid
@@ -36,6 +65,33 @@ from workers.tables import dead_letters
 _d = dead_letters.c
 #: Longest traceback or raw message kept.
 KEEP_CHARS = 20_000
+
+#: The kinds of letter (see the module's docstring).
+EXHAUSTED = "exhausted"
+FAILED = "failed"
+POISON = "poison"
+UNDECODABLE = "undecodable"
+NOT_AN_ENVELOPE = "not_an_envelope"
+REFUSED_CONTENT_TYPE = "refused_content_type"
+TOO_LARGE = "too_large"
+MALFORMED_BODY = "malformed_body"
+MALFORMED_HEADERS = "malformed_headers"
+UNKNOWN_TASK = "unknown_task"
+BAD_ARGUMENTS = "bad_arguments"
+UNPROCESSABLE = "unprocessable"
+#: Kinds of letter that hold no task that could run: replaying them is refused.
+NOT_REPLAYABLE = frozenset(
+    {
+        UNDECODABLE,
+        NOT_AN_ENVELOPE,
+        REFUSED_CONTENT_TYPE,
+        TOO_LARGE,
+        MALFORMED_BODY,
+        MALFORMED_HEADERS,
+        BAD_ARGUMENTS,
+        UNPROCESSABLE,
+    }
+)
 
 
 class DeadLetterError(Exception):
@@ -95,18 +151,19 @@ def record(
     raw: str | None = None,
 ) -> None:
     """Keep a message that could not be processed; a second failure of the same message
-    (task id) updates its letter."""
+    (task id) updates its letter. Whatever the message held is stored: text PostgreSQL
+    refuses (a NUL character, half a surrogate pair) is kept escaped."""
     now = datetime.now(UTC)
     values = {
-        "task_id": task_id or f"undelivered-{uuid.uuid4()}",
-        "task_name": task_name[:255],
+        "task_id": _text(task_id or f"undelivered-{uuid.uuid4()}")[:255],
+        "task_name": _text(task_name)[:255],
         "kind": kind,
         "args": _jsonable(args),
         "kwargs": _jsonable(kwargs),
-        "raw": raw[:KEEP_CHARS] if raw else None,
-        "queue": queue,
-        "error": error[:KEEP_CHARS],
-        "traceback": traceback[-KEEP_CHARS:] if traceback else None,
+        "raw": _text(raw)[:KEEP_CHARS] if raw else None,
+        "queue": _text(queue)[:255] if queue else None,
+        "error": _text(error)[:KEEP_CHARS],
+        "traceback": _text(traceback)[-KEEP_CHARS:] if traceback else None,
         "attempts": attempts,
         "first_failed_at": now,
         "last_failed_at": now,
@@ -129,7 +186,25 @@ def record(
 
 
 def _jsonable(value: Any) -> Any:
-    return None if value is None else json.loads(json.dumps(value, default=str))
+    return None if value is None else _storable(json.loads(json.dumps(value, default=str)))
+
+
+def _storable(value: Any) -> Any:
+    """JSON that PostgreSQL's jsonb takes: every string in it made storable."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN and infinities are not JSON
+    return value
+
+
+def _text(value: str) -> str:
+    """``value`` as text PostgreSQL stores: a lone surrogate and NUL kept as escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _letter(row: Any) -> DeadLetter:
@@ -222,6 +297,11 @@ def replay(
                 raise UnknownLetterError(f"no dead letter {letter_id}")
             if row.state != "OPEN":
                 raise DeadLetterError(f"dead letter {letter_id} is {row.state}, not OPEN")
+            if row.kind in NOT_REPLAYABLE:
+                raise DeadLetterError(
+                    f"dead letter {letter_id} is {row.kind}: it holds no task that could run"
+                    " (see its raw message; purge the letter)"
+                )
             if not isinstance(row.args, list) or (row.task_name in step_tasks and not row.args):
                 raise DeadLetterError(f"dead letter {letter_id} has no arguments to replay")
             if row.task_name in step_tasks:

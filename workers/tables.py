@@ -33,12 +33,14 @@ dead_letters = Table(
     #: The message's task id: a message that dies again updates its letter.
     Column("task_id", String(255), nullable=False, unique=True),
     Column("task_name", String(255), nullable=False),
-    #: Why: exhausted (retries used up), failed (not a transient error), undecodable,
-    #: unknown_task, poison (kept crashing its worker).
+    #: Why: exhausted (retries used up), failed (not a transient error), poison (kept
+    #: crashing its worker), or a message no task ran (undecodable, not_an_envelope,
+    #: refused_content_type, too_large, malformed_body, malformed_headers, unknown_task,
+    #: bad_arguments, unprocessable); workers.dlq says what each means.
     Column("kind", String(32), nullable=False),
     Column("args", JSONB),
     Column("kwargs", JSONB),
-    #: The message as it arrived, when it could not be decoded.
+    #: The message as it lay on its queue, when no task ran it.
     Column("raw", Text),
     Column("queue", String(255)),
     Column("error", Text, nullable=False),
@@ -51,7 +53,9 @@ dead_letters = Table(
     Column("resolved_at", DateTime(timezone=True)),
     CheckConstraint("state IN ('OPEN', 'REPLAYED', 'PURGED')", name="known_state"),
     CheckConstraint(
-        "kind IN ('exhausted', 'failed', 'undecodable', 'unknown_task', 'poison')",
+        "kind IN ('exhausted', 'failed', 'undecodable', 'unknown_task', 'poison',"
+        " 'not_an_envelope', 'refused_content_type', 'too_large', 'malformed_body',"
+        " 'malformed_headers', 'bad_arguments', 'unprocessable')",
         name="known_kind",
     ),
     Index(
