@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,8 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scripts.services import LocalRedis
-from workers.compat import apply_fixes
+from workers import dlq
+from workers.compat import UNREADABLE, UNREADABLE_REASON, apply_fixes
 
 
 def test_a_channel_whose_broker_connection_was_torn_down_fails_softly_and_keeps_messages(
@@ -42,5 +46,49 @@ def test_a_channel_whose_broker_connection_was_torn_down_fails_softly_and_keeps_
 
         # Still in the unacknowledged set: handed back after the visibility timeout.
         assert Redis.from_url(redis.url()).hlen("unacked") == 1
+    finally:
+        redis.stop()
+
+
+def test_list_items_kombu_cannot_read_arrive_as_stand_ins_holding_their_bytes(
+    tmp_path: Path,
+) -> None:
+    apply_fixes()
+    redis = LocalRedis(tmp_path, password="compat")
+    redis.start()
+    try:
+        queue = Queue("compat", Exchange("compat"), routing_key="compat")
+        untagged = {"body": "", "headers": {}, "properties": {"delivery_info": {}}}
+        unreadable = {
+            b"\xff\xfe not JSON, not even UTF-8": dlq.UNDECODABLE,
+            b'{"a JSON object": "not an envelope"}': dlq.NOT_AN_ENVELOPE,
+            b"[1, 2, 3]": dlq.NOT_AN_ENVELOPE,
+            json.dumps(untagged).encode(): dlq.NOT_AN_ENVELOPE,
+        }
+        client = Redis.from_url(redis.url())
+        client.lpush("compat", *unreadable)  # read in this order, then a message kombu wrote
+        with Connection(redis.url()) as conn:
+            conn.Producer().publish(
+                {"n": 1}, exchange=queue.exchange, routing_key="compat", declare=[queue]
+            )
+            received: list[Any] = []
+            with conn.Consumer(queue, on_message=received.append):
+                deadline = time.monotonic() + 10
+                while len(received) < len(unreadable) + 1 and time.monotonic() < deadline:
+                    # Raised at the first item, losing it, before the fix.
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=1)
+
+            *stand_ins, message = received
+            assert [(m.headers[UNREADABLE], m.body) for m in stand_ins] == [
+                (kind, item) for item, kind in unreadable.items()
+            ]
+            assert all(m.headers[UNREADABLE_REASON] for m in stand_ins)
+            assert message.decode() == {"n": 1} and UNREADABLE not in message.headers
+            # Like any message, each waits in the unacknowledged set until acknowledged.
+            assert client.hlen("unacked") == len(received)
+            for each in received:
+                each.ack()
+            assert client.hlen("unacked") == 0 and client.llen("compat") == 0
     finally:
         redis.stop()
