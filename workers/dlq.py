@@ -15,6 +15,8 @@ Each letter has a kind. A task that gave up (workers.base) leaves one of:
     exhausted             a transient error outlasted the task's retries
     failed                an error that is not transient
     poison                the message crashed its worker more than MAX_REDELIVERIES times
+    compensation_failed   a saga's compensation failed COMPENSATION_MAX_ATTEMPTS times and
+                          is no longer retried; replaying it tries the compensation again
 
 A message no task ever ran (workers.consumer; workers.compat for list items kombu
 cannot read) leaves one of these, with the item's bytes as ``raw``:
@@ -70,6 +72,7 @@ KEEP_CHARS = 20_000
 EXHAUSTED = "exhausted"
 FAILED = "failed"
 POISON = "poison"
+COMPENSATION_FAILED = "compensation_failed"
 UNDECODABLE = "undecodable"
 NOT_AN_ENVELOPE = "not_an_envelope"
 REFUSED_CONTENT_TYPE = "refused_content_type"

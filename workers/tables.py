@@ -55,7 +55,7 @@ dead_letters = Table(
     CheckConstraint(
         "kind IN ('exhausted', 'failed', 'undecodable', 'unknown_task', 'poison',"
         " 'not_an_envelope', 'refused_content_type', 'too_large', 'malformed_body',"
-        " 'malformed_headers', 'bad_arguments', 'unprocessable')",
+        " 'malformed_headers', 'bad_arguments', 'unprocessable', 'compensation_failed')",
         name="known_kind",
     ),
     Index(

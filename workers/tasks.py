@@ -114,7 +114,7 @@ def _completed(runtime: Runtime, done: runner.Completion) -> None:
         runtime.engine,
         task_id=f"{done.saga_id}.compensation",
         task_name=names.COMPLETE_ORDER,
-        kind="compensation_failed",
+        kind=dlq.COMPENSATION_FAILED,
         error=f"the compensation failed {done.attempts} times; it is no longer retried",
         args=[[], str(done.saga_id)],
         kwargs={},

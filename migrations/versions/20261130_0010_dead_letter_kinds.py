@@ -1,7 +1,8 @@
 """dead letters of messages no task ran: their kinds
 
 A worker keeps every message it cannot run as a dead letter of a kind that says why
-(workers.dlq lists them); the constraint on the kind admits the new ones.
+(workers.dlq lists them), and a compensation that failed too often becomes one too;
+the constraint on the kind admits the new ones.
 
 Revision ID: 0010
 Revises: 0009
@@ -20,7 +21,7 @@ depends_on = None
 BEFORE = "'exhausted', 'failed', 'undecodable', 'unknown_task', 'poison'"
 AFTER = (
     f"{BEFORE}, 'not_an_envelope', 'refused_content_type', 'too_large', 'malformed_body',"
-    " 'malformed_headers', 'bad_arguments', 'unprocessable'"
+    " 'malformed_headers', 'bad_arguments', 'unprocessable', 'compensation_failed'"
 )
 
 
