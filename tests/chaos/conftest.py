@@ -11,7 +11,7 @@ import pytest
 from config.settings import Settings
 from scripts.services import LocalRedis
 from tests.conftest import Servers
-from tests.harness.processes import Stack
+from tests.harness.processes import Stack, WorkerSpec
 
 #: Recovery in seconds rather than minutes, so a test sees it happen.
 FAST_RECOVERY = {
@@ -37,11 +37,17 @@ def make_stack(
 ) -> Iterator[StackFactory]:
     """Start a stack (API, worker, beat) with its own broker databases; stopped after.
 
-    ``redis`` gives the stack a Redis server of its own (to crash it)."""
+    ``redis`` gives the stack a Redis server of its own (to crash it); ``workers``
+    names its worker nodes (by default one serving every lane)."""
     started: list[Stack] = []
     request.node.stacks = started  # for the failure report
 
-    def start(failpoints: str = "", redis: LocalRedis | None = None, **env: str) -> Stack:
+    def start(
+        failpoints: str = "",
+        redis: LocalRedis | None = None,
+        workers: list[WorkerSpec] | None = None,
+        **env: str,
+    ) -> Stack:
         db = next(_databases)
         server = redis or servers.redis
         own = replace(settings, broker_url=server.url(db), result_backend_url=server.url(db + 1))
@@ -50,6 +56,7 @@ def make_stack(
             own,
             log_dir,
             beat=True,
+            worker_specs=workers,
             extra_env={
                 **FAST_RECOVERY,
                 "FAILPOINTS": failpoints,

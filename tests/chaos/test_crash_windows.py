@@ -155,16 +155,70 @@ def test_a_failed_compensation_is_shown_then_retried_until_it_is_done(
     api, w = stack.client(), world(engine, limit="5.00")  # the credit is refused
     order_id = place(api, w)
 
-    stuck = wait_for(
-        "the order to show its failed compensation",
-        lambda: (o := api.order(order_id))["status"] == "COMPENSATION_FAILED" and o,
-    )
-    assert stuck["cancel_reason"] == "credit_limit_exceeded"
-    assert "FailpointError" in stuck["problem"]
     final = api.wait_until_final(order_id)
     assert (final["status"], final["cancel_reason"]) == ("CANCELLED", "credit_limit_exceeded")
+    assert fired(stack, "compensate.release")
+    # Shown while it lasted (the retry may come before any poll sees it: the log keeps it).
+    assert events_of(engine, order_id) == [
+        "OrderPlaced",
+        "OrderCompensationFailed",
+        "OrderCancelled",
+    ]
     assert api.order(order_id)["problem"] is None
+    assert dead_letters(engine, order_id) == 0
     require(settle(engine, w["world"]))
+
+
+def test_a_compensation_that_keeps_failing_is_left_to_an_operator_who_replays_it(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack("compensate.release=raise*2", COMPENSATION_MAX_ATTEMPTS="2")
+    api, w = stack.client(), world(engine, limit="5.00")
+    order_id = place(api, w)
+    saga_id = _saga(engine, order_id)
+
+    letter = wait_for(
+        "the compensation to become a dead letter",
+        lambda: _letter_of(engine, f"{saga_id}.compensation"),
+        timeout=30,
+    )
+    assert (letter.kind, letter.attempts) == ("compensation_failed", 2)
+    stuck = api.order(order_id)
+    assert stuck["status"] == "COMPENSATION_FAILED" and "FailpointError" in stuck["problem"]
+
+    from workers import dlq
+    from workers.celery_app import create_celery
+
+    app = create_celery(stack.settings, publisher=True)
+    try:
+        from sagas.order import DEFINITIONS
+
+        dlq.replay(engine, app, [letter.id], DEFINITIONS)
+    finally:
+        app.close()
+    final = api.wait_until_final(order_id)
+    assert (final["status"], final["cancel_reason"]) == ("CANCELLED", "credit_limit_exceeded")
+    require(settle(engine, w["world"]))
+
+
+def events_of(engine: Engine, order_id: str) -> list[str]:
+    from orders.tables import order_events
+
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(order_events.c.type)
+                .where(cast(order_events.c.order_id, Text) == order_id)
+                .order_by(order_events.c.seq)
+            ).scalars()
+        )
+
+
+def _letter_of(engine: Engine, task_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(dead_letter_table).where(dead_letter_table.c.task_id == task_id)
+        ).first()
 
 
 def test_a_pool_child_killed_mid_step_has_its_message_redelivered(

@@ -29,11 +29,12 @@ from sqlalchemy import Engine, func, insert, select
 
 from config.settings import POOL_PRESETS, Settings
 from orders.db import make_engine
+from orders.domain import CancelReason
 from orders.tables import customers, idempotency_keys, orders, products
 from scripts.services import LocalPostgres, LocalRedis
 from tests.conftest import API_KEY, migrate
 from tests.harness.checker import Report, Violation, World, quiet, settle
-from tests.harness.processes import Stack
+from tests.harness.processes import Stack, WorkerSpec
 
 #: Recovery settings for a chaos run: short deadlines so lost work is found quickly.
 CHAOS_ENV = {
@@ -45,7 +46,6 @@ CHAOS_ENV = {
     "VISIBILITY_TIMEOUT": "30",
     "RETRY_BACKOFF_MAX_SECONDS": "5",
     "TASK_TIME_LIMIT": "10",
-    "MAX_REDRIVES": "2",
 }
 #: The unit price of every product in a chaos world.
 PRICE = 10
@@ -69,6 +69,9 @@ class ChaosPlan:
     worker_nodes: int = 2
     #: How the sagas' steps are joined (SAGA_JOIN): "chord" or "database".
     saga_join: str = "chord"
+    #: Saga workers serve the saga lane only (as in the Procfile), and one more worker
+    #: the other lanes; otherwise every worker serves every lane.
+    lanes_apart: bool = False
 
 
 @dataclass
@@ -165,6 +168,17 @@ class Cluster:
             extra_env={**CHAOS_ENV, "SAGA_JOIN": self.plan.saga_join},
             beat=True,
             workers=self.plan.worker_nodes,
+            worker_specs=(
+                [
+                    *(
+                        WorkerSpec(f"worker-saga-{n}", "saga.high")
+                        for n in range(1, self.plan.worker_nodes + 1)
+                    ),
+                    WorkerSpec("worker-lanes", "default,batch.low", concurrency=1),
+                ]
+                if self.plan.lanes_apart
+                else None
+            ),
         )
         self.stack.start()
 
@@ -385,6 +399,34 @@ def check_history(engine: Engine, world: World, history: list[Request]) -> list[
     return found
 
 
+def check_decisions(engine: Engine, world: World) -> list[Violation]:
+    """Faults cost time, never a decision: an order is cancelled only because stock or
+    credit said so, and no message became a dead letter."""
+    from workers.tables import dead_letters
+
+    business = [reason.value for reason in CancelReason]
+    with engine.connect() as conn:
+        wrong = conn.execute(
+            select(orders.c.cancel_reason, func.count())
+            .where(orders.c.customer_id.in_(world.customers))
+            .where(orders.c.cancel_reason.is_not(None))
+            .where(orders.c.cancel_reason.not_in(business))
+            .group_by(orders.c.cancel_reason)
+        ).all()
+        letters = conn.execute(
+            select(dead_letters.c.kind, dead_letters.c.task_name, dead_letters.c.error).limit(5)
+        ).all()
+    found = [
+        Violation("only stock and credit decide", f"{count} orders cancelled as {reason}")
+        for reason, count in wrong
+    ]
+    found += [
+        Violation("no message becomes a dead letter", f"{kind} {task}: {error[:200]}")
+        for kind, task, error in letters
+    ]
+    return found
+
+
 def run_chaos(plan: ChaosPlan, base: Path, log: Callable[[str], None] = print) -> ChaosResult:
     """Run the plan on a fresh cluster under ``base``; return what happened."""
     rng = random.Random(plan.seed)
@@ -430,7 +472,7 @@ def run_chaos(plan: ChaosPlan, base: Path, log: Callable[[str], None] = print) -
             faults.join()
             canaries = canary(engine, client, world, plan, load)
             report = settle(engine, world, timeout=180)
-        extra = check_history(engine, world, load)
+        extra = check_history(engine, world, load) + check_decisions(engine, world)
         extra += [
             Violation("the workers survive every fault", f"{node.name} exited on its own")
             for node in stack.worker_nodes
