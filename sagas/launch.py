@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from celery import Celery
-from sqlalchemy import Connection, Engine, delete, select, text
+from sqlalchemy import Connection, Engine, delete, select, text, update
 
 from config.failpoints import failpoint
 from orders.ports import SagaStart
@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: Most outbox entries one relay run dispatches.
 RELAY_BATCH = 200
+#: A claimed outbox entry comes due again this long after its claim, if it is still
+#: there (its publish failed, or its relay died).
+RELAY_LEASE = timedelta(seconds=10)
 
 
 def stage_saga(
@@ -124,32 +127,51 @@ def relay_outbox(
     *,
     grace: timedelta,
     limit: int = RELAY_BATCH,
+    lease: timedelta = RELAY_LEASE,
 ) -> int:
     """Dispatch the sagas whose outbox entry is older than ``grace``; return how many.
 
-    Entries are claimed with SKIP LOCKED, so relays may run side by side. A failed
-    publish rolls the claim back and the next run tries again."""
-    cutoff = datetime.now(UTC) - grace
+    Entries are claimed first, in a transaction of their own that moves each entry's
+    time ``lease`` ahead (SKIP LOCKED: relays may run side by side); nothing is locked
+    while publishing. A dispatched entry is deleted; one whose publish failed, or whose
+    relay died, comes due again when its lease ends."""
+    now = datetime.now(UTC)
+    due = (
+        select(outbox.c.saga_id)
+        .where(outbox.c.created_at < now - grace)
+        .order_by(outbox.c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
     with engine.begin() as conn:
-        claimed = conn.execute(
-            select(sagas.c.id, sagas.c.name, sagas.c.state, sagas.c.payload)
-            .join(outbox, outbox.c.saga_id == sagas.c.id)
-            .where(outbox.c.created_at < cutoff)
-            .order_by(outbox.c.created_at)
-            .limit(limit)
-            .with_for_update(of=outbox, skip_locked=True)
-        ).all()
-        if not claimed:
+        ids = list(
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.saga_id.in_(due.scalar_subquery()))
+                .values(created_at=now + lease)
+                .returning(outbox.c.saga_id)
+            ).scalars()
+        )
+        if not ids:
             return 0
-        dispatched = 0
+        claimed = conn.execute(
+            select(sagas.c.id, sagas.c.name, sagas.c.state, sagas.c.payload).where(
+                sagas.c.id.in_(ids)
+            )
+        ).all()
+    done: list[UUID] = []
+    try:
         for saga in claimed:
-            if saga.state != SagaState.RUNNING:
-                continue  # finished meanwhile (its dispatch worked, the delete did not)
-            dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
-            dispatched += 1
+            if saga.state == SagaState.RUNNING:
+                dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
+            # else: finished meanwhile (its dispatch worked, the delete did not)
+            done.append(saga.id)
         failpoint("relay.after_publish")
-        ids: list[UUID] = [saga.id for saga in claimed]
-        conn.execute(delete(outbox).where(outbox.c.saga_id.in_(ids)))
+    finally:
+        if done:
+            with engine.begin() as conn:
+                conn.execute(delete(outbox).where(outbox.c.saga_id.in_(done)))
+    dispatched = sum(1 for saga in claimed if saga.state == SagaState.RUNNING)
     if dispatched:
         logger.info("outbox relay dispatched %d sagas", dispatched)
     return dispatched

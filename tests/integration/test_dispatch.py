@@ -154,3 +154,29 @@ def test_the_relay_dispatches_what_the_fast_path_did_not(
     assert not outbox_has(engine, finished.saga_id)  # dropped, not dispatched
     assert outbox_has(engine, fresh.saga_id)  # still the fast path's, for now
     assert relay_outbox(engine, publisher, DEFINITIONS, grace=timedelta(seconds=2)) == 0
+
+
+def test_an_entry_whose_relay_could_not_publish_comes_due_again_after_its_lease(
+    engine: Engine, publisher: Celery, redis: Redis, broker_settings: Settings
+) -> None:
+    relay_outbox(engine, publisher, DEFINITIONS, grace=timedelta(0))
+    accepted = place(engine, RecordingLauncher())
+    down = create_celery(
+        replace(broker_settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"), publisher=True
+    )
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - whatever the broker's client raises
+            relay_outbox(engine, down, DEFINITIONS, grace=timedelta(0))
+    finally:
+        down.close()
+    # The claim committed before the publish: the entry waits for its lease.
+    assert outbox_has(engine, accepted.saga_id)
+    assert relay_outbox(engine, publisher, DEFINITIONS, grace=timedelta(0)) == 0
+    with engine.begin() as conn:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.saga_id == accepted.saga_id)
+            .values(created_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    assert relay_outbox(engine, publisher, DEFINITIONS, grace=timedelta(0)) == 1
+    assert not outbox_has(engine, accepted.saga_id)
