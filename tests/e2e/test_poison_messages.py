@@ -94,7 +94,6 @@ def envelope(
     task: str | None,
     task_id: str,
     content_type: str = "application/json",
-    body_encoding: str = "base64",
     headers: dict[str, Any] | None = None,
     properties: dict[str, Any] | None = None,
 ) -> bytes:
@@ -122,7 +121,7 @@ def envelope(
         **(headers or {}),
     }
     item = {
-        "body": base64.b64encode(body).decode() if body_encoding == "base64" else body.decode(),
+        "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8" if content_type == "application/json" else "binary",
         "content-type": content_type,
         "headers": header_fields,
@@ -132,7 +131,7 @@ def envelope(
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
-            "body_encoding": body_encoding,
+            "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
             **(properties or {}),
         },
@@ -162,7 +161,7 @@ class Case:
     item: Callable[[str], bytes]
 
 
-def _a_saga(marker: str) -> str:
+def a_saga() -> str:
     return str(uuid.uuid4())
 
 
@@ -189,7 +188,7 @@ CASES = [
         "an envelope without a delivery tag",
         "saga",
         "not_an_envelope",
-        lambda m: saga_step(m, [_a_saga(m), {}], properties={"delivery_tag": None}),
+        lambda m: saga_step(m, [a_saga(), {}], properties={"delivery_tag": None}),
     ),
     Case(
         "an envelope whose body is not base64",
@@ -211,7 +210,7 @@ CASES = [
         "malformed_body",
         lambda m: envelope(
             QUEUE["saga"],
-            task_body([_a_saga(m), {}], {}, {}, "one too many"),
+            task_body([a_saga(), {}], {}, {}, "one too many"),
             task=names.RESERVE_STOCK,
             task_id=m,
         ),
@@ -234,7 +233,7 @@ CASES = [
         "headers without a task id",
         "saga",
         "malformed_headers",
-        lambda m: saga_step(m, [_a_saga(m), {}], headers={"id": None, "argsrepr": m}),
+        lambda m: saga_step(m, [a_saga(), {}], headers={"id": None, "argsrepr": m}),
     ),
     Case(
         "a time limit that is not two numbers",
@@ -246,6 +245,18 @@ CASES = [
             task=names.RELAY_OUTBOX,
             task_id=m,
             headers={"timelimit": "soon"},
+        ),
+    ),
+    Case(
+        "an ETA that is not a time",  # refused by Celery itself (on_invalid_task)
+        "batch",
+        "malformed_headers",
+        lambda m: envelope(
+            QUEUE["batch"],
+            task_body([]),
+            task=names.TEST_BATCH_NOOP,
+            task_id=m,
+            headers={"eta": "the day after tomorrow"},
         ),
     ),
     Case(
@@ -294,7 +305,7 @@ CASES = [
         "a body over the size limit",
         "saga",
         "too_large",
-        lambda m: saga_step(m, [_a_saga(m), {"filler": "x" * MAX_MESSAGE_BYTES}]),
+        lambda m: saga_step(m, [a_saga(), {"filler": "x" * MAX_MESSAGE_BYTES}]),
     ),
     Case(
         "a saga step whose saga id is not a UUID",
