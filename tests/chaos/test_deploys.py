@@ -10,12 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, func, select
+from redis import Redis
+from sqlalchemy import Engine, Text, cast, func, select
 
+from config import names
+from orders.tables import orders
+from sagas.tables import sagas
 from tests.chaos.conftest import StackFactory
 from tests.harness.checker import require, settle, world_of
 from tests.harness.processes import WorkerSpec
 from tests.helpers import add_customer, add_product, wait_for
+from workers import liveness
 from workers.tables import dead_letters
 
 pytestmark = pytest.mark.chaos
@@ -24,18 +29,16 @@ pytestmark = pytest.mark.chaos
 #: deadline x (1 + one redrive) = 4 s, then cancelled it.
 DEADLINE = 2.0
 OUTAGE = 3 * DEADLINE * 2
+LANES_APART = [
+    WorkerSpec("worker", "saga.high", concurrency=2),
+    WorkerSpec("worker-lanes", "default,batch.low", concurrency=1),
+]
 
 
 def test_orders_accepted_while_the_saga_workers_are_down_are_decided_on_their_merits(
     make_stack: StackFactory, engine: Engine
 ) -> None:
-    stack = make_stack(
-        workers=[
-            WorkerSpec("worker", "saga.high", concurrency=2),
-            WorkerSpec("worker-lanes", "default,batch.low", concurrency=1),
-        ],
-        SAGA_DEADLINE_SECONDS=str(DEADLINE),
-    )
+    stack = make_stack(workers=LANES_APART, SAGA_DEADLINE_SECONDS=str(DEADLINE))
     rich, poor = add_customer(engine, limit="1000000.00"), add_customer(engine, limit="50.00")
     plenty, scarce = add_product(engine, on_hand=1000), add_product(engine, on_hand=10)
     # 250 orders anyone would confirm; 25 on a credit of 5 orders; 25 on a stock of 10.
@@ -85,3 +88,49 @@ def test_orders_accepted_while_the_saga_workers_are_down_are_decided_on_their_me
         letters = select(func.count()).where(dead_letters.c.first_failed_at >= began)
         assert conn.execute(letters).scalar_one() == 0
     require(settle(engine, world_of([rich, poor], {plenty: 1000, scarce: 10})))
+
+
+def test_a_saga_lost_while_the_saga_workers_were_down_is_finished_soon_after_they_return(
+    make_stack: StackFactory, engine: Engine
+) -> None:
+    stack = make_stack(workers=LANES_APART, SAGA_DEADLINE_SECONDS=str(DEADLINE))
+    broker = Redis.from_url(stack.settings.broker_url)
+    customer, product = add_customer(engine, limit="100.00"), add_product(engine, on_hand=5)
+    api = stack.client()
+    assert liveness.consumers(broker, names.SAGA_QUEUE) == 1
+
+    saga_worker = stack.service("worker")
+    saga_worker.stop()
+    assert liveness.consumers(broker, names.SAGA_QUEUE) == 0  # a clean stop says so at once
+    response = api.place(customer, [(product, 2)])
+    assert response.status_code == 202
+    order_id = str(response.json()["order_id"])
+    broker.delete(names.SAGA_QUEUE)  # its messages are lost (Redis lost its data, say)
+
+    wait_for(
+        "the sweeper to have looked at the overdue saga twice",
+        lambda: _looked_at(engine, order_id) >= 2,
+        timeout=20,
+    )
+    # Nothing was sent to a lane no one consumes, and nothing was decided.
+    assert broker.llen(names.SAGA_QUEUE) == 0
+    assert api.status(order_id)["status"] == "PENDING"
+
+    saga_worker.start()
+    back = time.monotonic()
+    final = api.wait_until_final(order_id, timeout=20)
+    assert final["status"] == "CONFIRMED", f"{time.monotonic() - back:.1f} s after the return"
+    require(settle(engine, world_of([customer], {product: 5})))
+    broker.close()
+
+
+def _looked_at(engine: Engine, order_id: str) -> int:
+    """How many times the sweeper took the order's saga up."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(sagas.c.recovery_attempts)
+                .join(orders, orders.c.saga_id == sagas.c.id)
+                .where(cast(orders.c.id, Text) == order_id)
+            ).scalar_one()
+        )
