@@ -26,6 +26,7 @@ from config.celeryconf import celery_config
 from config.settings import Settings
 from scripts.services import LocalRedis, free_port
 from tests.conftest import ROOT, Servers
+from tests.harness.processes import Stack, WorkerSpec
 from tests.helpers import add_customer, wait_for
 from workers import batch, dlq
 from workers.celery_app import create_celery
@@ -279,13 +280,23 @@ def count_runs(engine: Engine) -> int:
 def test_the_tools_without_settings_say_what_is_missing_and_exit_non_zero(
     tmp_path: Path,
 ) -> None:
+    for module, command in (("workers.batch", "start"), ("workers.dlq", "list")):
+        # Nothing set and no .run/env: the defaults (PostgreSQL on 5432, a Redis without
+        # password on 6379) are tried, and what does not answer is named.
+        bare = cli(module, command, run_dir=tmp_path)
+        assert bare.returncode == 1, bare
+        assert "Traceback" not in bare.stderr
+        assert "unreachable at" in bare.stderr
+        assert f"is not set, and there is no {tmp_path / 'env'}" in bare.stderr
+        assert "start `make run`" in bare.stderr
+
     nowhere = f"postgresql+psycopg2://orders@127.0.0.1:{free_port()}/orders"
     for module, command in (("workers.batch", "start"), ("workers.dlq", "list")):
-        result = cli(module, command, run_dir=tmp_path, DATABASE_URL=nowhere)
-        assert result.returncode == 1, result
-        assert "Traceback" not in result.stderr
-        assert f"PostgreSQL unreachable at {nowhere}" in result.stderr
-        assert "set DATABASE_URL" in result.stderr
+        wrong = cli(module, command, run_dir=tmp_path, DATABASE_URL=nowhere)
+        assert wrong.returncode == 1, wrong
+        assert "Traceback" not in wrong.stderr
+        assert f"PostgreSQL unreachable at {nowhere} (DATABASE_URL)" in wrong.stderr
+        assert "check DATABASE_URL" in wrong.stderr
 
 
 def test_the_tools_read_the_settings_make_run_wrote(
@@ -307,3 +318,55 @@ def test_the_tools_read_the_settings_make_run_wrote(
     assert "Redis (the broker) unreachable" in started.stderr
     assert servers.redis.password not in started.stderr
     assert count_runs(engine) == before
+
+
+@pytest.mark.e2e
+def test_with_beat_and_a_worker_a_run_whose_command_died_while_publishing_finishes(
+    engine: Engine, settings: Settings, servers: Servers, customers: list[str], tmp_path: Path
+) -> None:
+    own = replace(
+        settings, broker_url=servers.redis.url(25), result_backend_url=servers.redis.url(26)
+    )
+    Redis.from_url(own.broker_url).flushdb()
+    sweep = {
+        "CREDIT_CHECK_CHUNK_SIZE": str(CHUNK),
+        "BATCH_SWEEP_INTERVAL_SECONDS": "1",
+        "BATCH_PUBLISH_GRACE_SECONDS": "2",
+        "BATCH_STALL_SECONDS": "5",
+    }
+    stack = Stack(
+        own,
+        servers.base / "e2e-batch-sweep",
+        worker_specs=[WorkerSpec("housekeeping", "default,batch.low", concurrency=1)],
+        beat=True,
+        extra_env=sweep,
+    )
+    try:
+        stack.start()
+        # The operator's command is killed after publishing its first chunk.
+        died = cli(
+            "workers.batch",
+            "start",
+            run_dir=tmp_path,
+            APP_ENV="test",
+            DATABASE_URL=own.database_url,
+            REDIS_URL=own.broker_url,
+            FAILPOINTS="batch.publish@1=kill",
+            FAILPOINTS_DIR=str(tmp_path / "failpoints"),
+            **sweep,
+        )
+        assert died.returncode == -9, died.stderr
+        with engine.connect() as conn:
+            run_id = conn.execute(
+                select(batch_runs.c.id).order_by(batch_runs.c.started_at.desc()).limit(1)
+            ).scalar_one()
+        assert status(engine, run_id).state == "PUBLISHING"
+        run = wait_for(
+            "the run finished",
+            lambda: (found := status(engine, run_id)).state == "FINISHED" and found,
+            timeout=60,
+        )
+        assert (run.processed, run.failed, run.resumes) == (run.total, 0, 1)
+    finally:
+        stack.stop()
+        Redis.from_url(own.broker_url).flushdb()
