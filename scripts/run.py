@@ -6,6 +6,10 @@ customers, then runs the Procfile (API, a worker per lane, the event consumers, 
 Flower) under ``scripts.supervise``: a process that exits is started again, with a
 backoff, and the others go on. Ctrl-C (SIGINT) or SIGTERM stops every process, then
 the servers.
+
+Ports: PostgreSQL 5432, Redis 6379 and 6380, the API 8000, Flower 5555, the saga
+worker's metrics 9808, or those named by PG_PORT, REDIS_PORT, CACHE_PORT, API_PORT,
+FLOWER_PORT, SAGA_METRICS_PORT; any free port where that one is taken.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ RUN_DIR = Path(os.environ.get("RUN_DIR") or ROOT / ".run").resolve()
 BIN = Path(sys.executable).parent
 
 
-def _port(preferred: int) -> int:
+def _port(variable: str, default: int) -> int:
+    """The port named by ``variable`` (else ``default``) when free, else any free one."""
+    preferred = int(os.environ.get(variable) or default)
     return preferred if port_is_free(preferred) else free_port()
 
 
@@ -64,13 +70,20 @@ def main() -> int:
 def _run() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     keys = _secrets()
-    pg = LocalPostgres(RUN_DIR, _port(5432))
-    redis = LocalRedis(RUN_DIR, _port(6379), password=keys["redis_password"], appendonly=True)
+    pg = LocalPostgres(RUN_DIR, _port("PG_PORT", 5432))
+    redis = LocalRedis(
+        RUN_DIR, _port("REDIS_PORT", 6379), password=keys["redis_password"], appendonly=True
+    )
     # The caches' own Redis: bounded, least recently used keys evicted, nothing persisted.
     cache = LocalRedis(
-        RUN_DIR, _port(6380), password=keys["redis_password"], name="cache", maxmemory="128mb"
+        RUN_DIR,
+        _port("CACHE_PORT", 6380),
+        password=keys["redis_password"],
+        name="cache",
+        maxmemory="128mb",
     )
-    api_port, flower_port, metrics_port = _port(8000), _port(5555), _port(9808)
+    api_port = _port("API_PORT", 8000)
+    flower_port, metrics_port = _port("FLOWER_PORT", 5555), _port("SAGA_METRICS_PORT", 9808)
     env = {
         "APP_ENV": "local",
         "DATABASE_URL": pg.url(),

@@ -27,6 +27,8 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
+#: The ports `make run` opens, each named by a variable.
+PORTS = ("PG_PORT", "REDIS_PORT", "CACHE_PORT", "API_PORT", "FLOWER_PORT", "SAGA_METRICS_PORT")
 STARTED = re.compile(r"\| (\w+) started \(pid=(\d+)")
 EXITED = re.compile(r"\| (\w+) \(pid=(\d+)\) (.+?) after [\d.]+ s; restart \d+ in ([\d.]+) s")
 
@@ -206,15 +208,19 @@ def test_make_run_stays_up_while_its_processes_are_killed_and_stops_clean_on_sig
     supervised: Callable[..., Supervised], run_dir: Path
 ) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.endswith("_URL")}
+    # Ports of its own: a `make run` of someone's keeps the usual ones.
+    ports = {name: str(free_port()) for name in PORTS}
     supervisor = supervised(
         [sys.executable, "-m", "scripts.run"],
         **{**clean, "RUN_DIR": str(run_dir), "LOG_LEVEL": "WARNING"},
+        **ports,
     )
     procfile = {"web", "worker_saga", "worker_default", "worker_batch", "events", "beat", "flower"}
     before = supervisor.wait_for_programs(procfile, timeout=120)
     env = dict(
         line.split("=", 1) for line in (run_dir / "env").read_text().splitlines() if "=" in line
     )
+    assert env["API_PORT"] == ports["API_PORT"]
     health = f"http://127.0.0.1:{env['API_PORT']}/healthz"
     wait_for("the API", lambda: answers(health), timeout=60)
     servers = [int(env["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])] + [
