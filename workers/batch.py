@@ -9,6 +9,12 @@ Beat starts a run per schedule tick; the run's window key (the tick) is unique p
 so two beat processes firing the same tick make one run. A chunk that fails retries,
 then becomes a dead letter and counts as failed; replaying it later runs it again and
 moves its customers from failed to processed.
+
+The batch sweep (beat, on the default lane) takes up runs that stopped moving, however
+they were started: a run left PUBLISHING (its publisher died or lost the broker) or
+RUNNING with chunk messages lost has its chunks without an outcome published again, a
+few times; then it is FAILED with a reason, its missing chunks counted failed and kept
+as dead letters. States: PUBLISHING -> RUNNING -> FINISHED, or FAILED from either.
 """
 
 from __future__ import annotations
