@@ -70,7 +70,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             app,
             sagas,
             runtime.recovery,
-            lane_alive=lambda: liveness.consumers(runtime.redis, runtime.settings.saga_queue) > 0,
+            lane_alive=lambda: _consumed(runtime, runtime.settings.saga_queue),
             on_complete=lambda done: _completed(runtime, done),
         )
         return vars(report)
@@ -100,6 +100,16 @@ def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) ->
         )
     )
     _completed(runtime, done)
+
+
+def _consumed(runtime: Runtime, queue: str) -> bool:
+    """Whether a worker consumes ``queue`` now; not when the broker cannot say (nothing
+    could be sent to it anyway, and the sweep still completes what it can)."""
+    try:
+        return liveness.consumers(runtime.redis, queue) > 0
+    except Exception as exc:
+        logger.warning("cannot tell whether %s is consumed: %r", queue, exc)
+        return False
 
 
 def _completed(runtime: Runtime, done: runner.Completion) -> None:
