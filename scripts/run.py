@@ -61,6 +61,7 @@ def main() -> int:
     then stop them and the servers."""
     # Until the supervisor takes over, SIGTERM stops what was started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGHUP, _interrupted)  # the terminal closed
     try:
         return _run()
     except KeyboardInterrupt:
@@ -101,8 +102,8 @@ def _run() -> int:
     env_file.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
     env_file.chmod(0o600)
     process_env = {**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    pg.start()
     try:
+        pg.start()  # inside: a signal while it starts still stops it
         redis.start()
         cache.start()
         pg.create_database("orders")
@@ -133,8 +134,8 @@ def _run() -> int:
         return supervisor.run()
     finally:
         # The servers go last, whatever signal comes meanwhile.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         cache.stop()
         redis.stop()
         pg.stop()

@@ -6,7 +6,7 @@ line by line behind its name, as honcho prints it. A process that exits, whateve
 reason (a crash, a ``kill -9``, a worker shut down from Flower), is started again after
 a backoff: 1 s, doubling up to 30 s, back to 1 s once it stayed up a minute; what it
 left behind in its group is killed first. The supervisor says which process exited,
-with which code or signal, and when it starts again. Only SIGINT (Ctrl-C) or SIGTERM
+with which code or signal, and when it starts again. Only SIGINT (Ctrl-C), SIGTERM or SIGHUP
 stops everything: SIGTERM to every group, SIGKILL to what is left after
 ``stop_timeout`` (at once on a second signal).
 
@@ -111,9 +111,11 @@ class Supervisor:
             self.printer.write(message)
 
     def run(self) -> int:
-        """Supervise until SIGINT or SIGTERM; then stop everything and return 0."""
+        """Supervise until SIGINT, SIGTERM or SIGHUP (the terminal closed); then stop
+        everything and return 0."""
         previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             while not self._stop.is_set():
