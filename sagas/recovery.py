@@ -90,10 +90,12 @@ def sweep_overdue(
     lane_alive: Callable[[], bool] = lambda: True,
     limit: int = SWEEP_BATCH,
     on_complete: Callable[[Completion], None] | None = None,
+    escalate: runner.Escalate | None = None,
 ) -> SweepReport:
     """Take up every saga past its deadline; return what was done. ``lane_alive`` says
     whether saga workers are consuming now (asked once per sweep); ``on_complete`` is
-    told of every saga the sweep decided."""
+    told of every saga the sweep decided; ``escalate``, of a compensation given up to an
+    operator (see ``runner.complete``)."""
     now = datetime.now(UTC)
     with engine.connect() as conn:
         overdue = store.overdue_sagas(conn, now, limit)
@@ -103,7 +105,7 @@ def sweep_overdue(
     alive = lane_alive()
     for saga_id in overdue:
         try:
-            action = recover(engine, app, sagas, saga_id, policy, now, alive, on_complete)
+            action = recover(engine, app, sagas, saga_id, policy, now, alive, on_complete, escalate)
         except Exception:
             logger.exception("saga %s: recovery failed; tried again soon", saga_id)
             report.failed += 1
@@ -124,6 +126,7 @@ def recover(
     now: datetime,
     alive: bool = True,
     on_complete: Callable[[Completion], None] | None = None,
+    escalate: runner.Escalate | None = None,
 ) -> str:
     """Complete, redrive or leave waiting one overdue saga; "skipped" if it is no longer
     overdue (finished, or another sweeper took it)."""
@@ -157,6 +160,7 @@ def recover(
         saga_id,
         retry_after=policy.compensation_wait,
         abort_missing=TIMED_OUT,
+        escalate=escalate,
     )
     if on_complete is not None:
         on_complete(done)

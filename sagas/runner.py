@@ -146,6 +146,9 @@ class Completion:
 RetryAfter = Callable[[int], timedelta | None]
 #: A deadline no sweeper reaches: the saga waits for an operator.
 NEVER = datetime(9999, 1, 1, tzinfo=UTC)
+#: Told, inside the transaction that gives a compensation up to an operator, of the
+#: saga, how many times it failed and the last problem: what it writes commits with it.
+Escalate = Callable[[Connection, UUID, int, str], None]
 
 
 def complete(
@@ -156,6 +159,7 @@ def complete(
     retry_after: RetryAfter,
     abort_missing: str | None = None,
     running_only: bool = False,
+    escalate: Escalate | None = None,
 ) -> Completion:
     """Confirm the saga, or compensate its applied steps and cancel it. Idempotent.
 
@@ -163,7 +167,8 @@ def complete(
     to record them as aborted with. Transient database errors propagate (retry later).
     A compensation that fails leaves the saga COMPENSATION_FAILED, to be tried again
     by the sweeper after ``retry_after(failures so far)``, or, when that is None, left
-    to an operator (``Completion.escalated``); ``running_only`` leaves such a saga
+    to an operator (``Completion.escalated``, and ``escalate`` in that transaction);
+    ``running_only`` leaves such a saga
     alone (a step's completion attempt does not retry a compensation early)."""
     try:
         return _complete_once(engine, saga, saga_id, abort_missing, running_only=running_only)
@@ -176,7 +181,7 @@ def complete(
             )
         except _DecisionFailed as failed:
             failure = failed
-    return _record_compensation_failure(engine, saga, saga_id, failure, retry_after)
+    return _record_compensation_failure(engine, saga, saga_id, failure, retry_after, escalate)
 
 
 def _complete_once(
@@ -250,6 +255,7 @@ def _record_compensation_failure(
     saga_id: UUID,
     failure: _DecisionFailed,
     retry_after: RetryAfter,
+    escalate: Escalate | None,
 ) -> Completion:
     reason = failure.decision.reason or "cancelled"
     problem = f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:2000]
@@ -257,12 +263,14 @@ def _record_compensation_failure(
         locked = store.lock_saga(conn, saga_id)
         if locked is None or locked.state in TERMINAL_STATES:
             return Completion(None)
-        # The first failure counts 1; each later try was counted by the sweeper's claim.
-        attempts = 1 if locked.state is SagaState.RUNNING else max(locked.recovery_attempts, 1)
+        failed_before = 0 if locked.state is SagaState.RUNNING else locked.recovery_attempts
+        attempts = failed_before + 1
         wait = retry_after(attempts)
         retry_at = NEVER if wait is None else datetime.now(UTC) + wait
         store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at, attempts)
         saga.compensation_failed(conn, locked.payload, reason, problem)
+        if wait is None and escalate is not None:
+            escalate(conn, saga_id, attempts, problem)
     if wait is None:
         logger.error(
             "saga %s: compensation failed %d times; left to an operator: %s",

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, bindparam, insert, literal, select, update
+from sqlalchemy import Connection, bindparam, case, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -28,7 +28,8 @@ class LockedSaga:
     outcomes: Mapping[str, StepOutcome]
     redrives: int = 0
     created_at: datetime | None = None
-    #: Times the sweeper took it up (for a saga whose compensation failed: the tries).
+    #: Times the sweeper took it up; for a saga whose compensation failed, how many
+    #: times the compensation failed.
     recovery_attempts: int = 0
 
 
@@ -229,7 +230,15 @@ def claim_overdue(
         .where(sagas.c.id == saga_id)
         .where(sagas.c.state.in_(ACTIVE_STATES))
         .where(sagas.c.deadline_at < now)
-        .values(deadline_at=next_deadline, recovery_attempts=sagas.c.recovery_attempts + 1)
+        .values(
+            deadline_at=next_deadline,
+            # A saga whose compensation failed counts its failed tries instead (those
+            # are counted when they fail: a try cut short by a transient fault is not).
+            recovery_attempts=case(
+                (sagas.c.state == SagaState.COMPENSATION_FAILED, sagas.c.recovery_attempts),
+                else_=sagas.c.recovery_attempts + 1,
+            ),
+        )
         .returning(
             sagas.c.name,
             sagas.c.state,
@@ -292,7 +301,7 @@ def mark_compensation_failed(
     conn: Connection, saga_id: UUID, reason: str, error: str, retry_at: datetime, attempts: int
 ) -> None:
     """Record that the saga's compensation failed for the ``attempts``-th time, and when
-    to try it again (the sweeper counts each later try in ``recovery_attempts``)."""
+    to try it again."""
     conn.execute(
         update(sagas)
         .where(sagas.c.id == saga_id)

@@ -16,7 +16,8 @@ Each letter has a kind. A task that gave up (workers.base) leaves one of:
     failed                an error that is not transient
     poison                the message crashed its worker more than MAX_REDELIVERIES times
     compensation_failed   a saga's compensation failed COMPENSATION_MAX_ATTEMPTS times and
-                          is no longer retried; replaying it tries the compensation again
+                          is no longer retried; replaying it hands the saga back to the
+                          sweeper, which tries the compensation again at once
 
 A message no task ever ran (workers.consumer; workers.compat for list items kombu
 cannot read) leaves one of these, with the item's bytes as ``raw``:
@@ -56,7 +57,7 @@ from typing import Any
 from uuid import UUID
 
 from celery import Celery
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from sagas.canvas import dispatch_saga
@@ -139,8 +140,15 @@ class DeadLetter:
         return {**self.summary(), "traceback": self.traceback, "raw": self.raw}
 
 
-def record(
-    engine: Engine,
+def record(engine: Engine, **letter: Any) -> None:
+    """Keep a message that could not be processed (see ``record_in``), in a transaction
+    of its own."""
+    with engine.begin() as conn:
+        record_in(conn, **letter)
+
+
+def record_in(
+    conn: Connection,
     *,
     task_id: str | None,
     task_name: str,
@@ -172,20 +180,19 @@ def record(
         "last_failed_at": now,
     }
     upsert = insert(dead_letters).values(values)
-    with engine.begin() as conn:
-        conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[_d.task_id],
-                set_={
-                    "kind": upsert.excluded.kind,
-                    "error": upsert.excluded.error,
-                    "traceback": upsert.excluded.traceback,
-                    "attempts": func.greatest(_d.attempts + 1, upsert.excluded.attempts),
-                    "last_failed_at": upsert.excluded.last_failed_at,
-                    "state": "OPEN",
-                },
-            )
+    conn.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[_d.task_id],
+            set_={
+                "kind": upsert.excluded.kind,
+                "error": upsert.excluded.error,
+                "traceback": upsert.excluded.traceback,
+                "attempts": func.greatest(_d.attempts + 1, upsert.excluded.attempts),
+                "last_failed_at": upsert.excluded.last_failed_at,
+                "state": "OPEN",
+            },
         )
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -287,7 +294,8 @@ def replay(
     definitions: Mapping[str, SagaDefinition],
 ) -> dict[int, str]:
     """Run the letters' tasks again; return each letter's new task id. A saga step
-    dispatches its saga again (when the saga is not over yet). Letters are marked
+    dispatches its saga again (when the saga is not over yet); a compensation given up
+    is handed back to the sweeper ("sweep:<saga id>"). Letters are marked
     REPLAYED. Every letter is checked first: one that cannot be replayed refuses the
     whole request (UnknownLetterError or DeadLetterError) and nothing is replayed."""
     step_tasks = {step.task: d for d in definitions.values() for step in d.steps}
@@ -307,7 +315,14 @@ def replay(
                 )
             if not isinstance(row.args, list) or (row.task_name in step_tasks and not row.args):
                 raise DeadLetterError(f"dead letter {letter_id} has no arguments to replay")
-            if row.task_name in step_tasks:
+            if row.kind == COMPENSATION_FAILED:
+                state = _saga_state(conn, row.args[1])
+                if state != "COMPENSATION_FAILED":
+                    raise DeadLetterError(
+                        f"the saga of dead letter {letter_id} is {state}: its compensation is"
+                        " not waiting for anyone (purge the letter)"
+                    )
+            elif row.task_name in step_tasks:
                 state = _saga_state(conn, row.args[0])
                 if state is None:
                     raise DeadLetterError(f"the saga of dead letter {letter_id} does not exist")
@@ -324,7 +339,9 @@ def replay(
             ).first()
             if row is None:  # replayed or purged meanwhile by someone else
                 raise DeadLetterError(f"dead letter {letter_id} is no longer OPEN")
-            if row.task_name in step_tasks:
+            if row.kind == COMPENSATION_FAILED:
+                new_id = _rearm_compensation(conn, row.args[1])
+            elif row.task_name in step_tasks:
                 new_id = _redispatch_saga(conn, app, step_tasks[row.task_name], row.args[0])
             else:
                 new_id = str(uuid.uuid4())
@@ -351,6 +368,17 @@ def _saga_state(conn: Any, saga_id: Any) -> str | None:
         return None
     state: str | None = conn.execute(select(sagas.c.state).where(sagas.c.id == saga)).scalar()
     return state
+
+
+def _rearm_compensation(conn: Connection, saga_id: str) -> str:
+    """Hand a saga whose compensation was given up back to the sweeper, now, with its
+    tries counted from zero: it is retried (and backs off) as after a first failure."""
+    conn.execute(
+        update(sagas)
+        .where(sagas.c.id == UUID(saga_id), sagas.c.state == "COMPENSATION_FAILED")
+        .values(deadline_at=datetime.now(UTC), recovery_attempts=0)
+    )
+    return f"sweep:{saga_id}"
 
 
 def _redispatch_saga(conn: Any, app: Celery, definition: SagaDefinition, saga_id: str) -> str:

@@ -115,6 +115,8 @@ def record_completion(completion: Completion) -> None:
         return
     state = completion.decision.state.value
     SAGAS_FINISHED.labels(state).inc()
+    if completion.escalated:
+        COMPENSATIONS_ESCALATED.inc()
     if completion.created_at is not None:
         took = (datetime.now(UTC) - completion.created_at).total_seconds()
         SAGA_DURATION.labels(state).observe(took)

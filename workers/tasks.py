@@ -16,6 +16,7 @@ from uuid import UUID
 
 from celery import Celery, Task
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import Connection
 
 from config import names
 from config.schedules import window_key
@@ -29,7 +30,7 @@ from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.recovery import sweep_overdue
 from workers import batch, dlq, liveness
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
-from workers.metrics import COMPENSATIONS_ESCALATED, STEP_DURATION, record_completion
+from workers.metrics import STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             sagas,
             runtime.recovery,
             lane_alive=lambda: _consumed(runtime, runtime.settings.saga_queue),
-            on_complete=lambda done: _completed(runtime, done),
+            on_complete=record_completion,
+            escalate=_escalate,
         )
         return vars(report)
 
@@ -97,9 +99,10 @@ def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) ->
             saga_id,
             retry_after=runtime.recovery.compensation_wait,
             running_only=running_only,
+            escalate=_escalate,
         )
     )
-    _completed(runtime, done)
+    record_completion(done)
 
 
 def _consumed(runtime: Runtime, queue: str) -> bool:
@@ -112,24 +115,19 @@ def _consumed(runtime: Runtime, queue: str) -> bool:
         return False
 
 
-def _completed(runtime: Runtime, done: runner.Completion) -> None:
-    """Count what a completion decided; a compensation that failed too often becomes a
-    dead letter (one per saga), which an operator replays (``python -m workers.dlq
-    replay ID``) once the cause is mended."""
-    record_completion(done)
-    if not done.escalated:
-        return
-    COMPENSATIONS_ESCALATED.inc()
-    dlq.record(
-        runtime.engine,
-        task_id=f"{done.saga_id}.compensation",
+def _escalate(conn: Connection, saga_id: UUID, attempts: int, problem: str) -> None:
+    """A compensation that failed too often becomes a dead letter (one per saga), in the
+    transaction that gives it up: an operator replays it (``python -m workers.dlq replay
+    ID``) once the cause is mended, which hands the saga back to the sweeper."""
+    dlq.record_in(
+        conn,
+        task_id=f"{saga_id}.compensation",
         task_name=names.COMPLETE_ORDER,
         kind=dlq.COMPENSATION_FAILED,
-        error=f"the compensation failed {done.attempts} times; it is no longer retried",
-        args=[[], str(done.saga_id)],
+        error=f"the compensation failed {attempts} times; it is no longer retried: {problem}",
+        args=[[], str(saga_id)],
         kwargs={},
-        queue=runtime.settings.saga_queue,
-        attempts=done.attempts,
+        attempts=attempts,
     )
 
 
