@@ -3,14 +3,15 @@
 A saga still active past its deadline has either lost something on the way (a message:
 a worker killed, Redis restarted without its data; the chord's join; its completion)
 or is only late (saga workers stopped for a deploy, or behind a backlog). The sweeper
-tells the two apart by whether saga workers are consuming (``lane_alive``):
+tells the two apart by whether saga workers consume the saga lane and have caught up
+with it (``lane_ready``: then an overdue saga's message is no longer queued):
 
 - every step has an outcome: the join or the completion was lost; complete it now;
-- steps missing, workers consuming: the steps' messages may be lost; dispatch them again
+- steps missing, lane ready: the steps' messages are lost; dispatch the saga again
   (idempotent: a step that already ran returns its recorded outcome), and look again
   after a wait that doubles with each redrive, up to a cap;
-- steps missing, no worker consuming: the saga is waiting, not lost; look again soon,
-  so that it is redriven within seconds of a worker being back;
+- steps missing, lane not ready (no worker, or a backlog): the saga is waiting, not
+  lost; look again soon, so that it is redriven within seconds of the lane being ready;
 - the business timeout passed (``timeout`` after acceptance): cancel it, recording the
   missing steps as ``timed_out``. Nothing else gives up on an order for lack of time;
 - ``COMPENSATION_FAILED``: try the compensation again (its own backoff, see
@@ -87,13 +88,14 @@ def sweep_overdue(
     sagas: Mapping[str, SagaHandlers],
     policy: RecoveryPolicy,
     *,
-    lane_alive: Callable[[], bool] = lambda: True,
+    lane_ready: Callable[[], bool] = lambda: True,
     limit: int = SWEEP_BATCH,
     on_complete: Callable[[Completion], None] | None = None,
     escalate: runner.Escalate | None = None,
 ) -> SweepReport:
-    """Take up every saga past its deadline; return what was done. ``lane_alive`` says
-    whether saga workers are consuming now (asked once per sweep); ``on_complete`` is
+    """Take up every saga past its deadline; return what was done. ``lane_ready`` says
+    whether saga workers consume the lane and have caught up (asked once per sweep);
+    ``on_complete`` is
     told of every saga the sweep decided; ``escalate``, of a compensation given up to an
     operator (see ``runner.complete``)."""
     now = datetime.now(UTC)
@@ -102,10 +104,10 @@ def sweep_overdue(
     report = SweepReport()
     if not overdue:
         return report
-    alive = lane_alive()
+    ready = lane_ready()
     for saga_id in overdue:
         try:
-            action = recover(engine, app, sagas, saga_id, policy, now, alive, on_complete, escalate)
+            action = recover(engine, app, sagas, saga_id, policy, now, ready, on_complete, escalate)
         except Exception:
             logger.exception("saga %s: recovery failed; tried again soon", saga_id)
             report.failed += 1
@@ -124,7 +126,7 @@ def recover(
     saga_id: UUID,
     policy: RecoveryPolicy,
     now: datetime,
-    alive: bool = True,
+    ready: bool = True,
     on_complete: Callable[[Completion], None] | None = None,
     escalate: runner.Escalate | None = None,
 ) -> str:
@@ -140,7 +142,7 @@ def recover(
     missing = [s for s in saga.definition.step_names if s not in claimed.outcomes]
     expires_at = (claimed.created_at or now) + policy.timeout
     if claimed.state is SagaState.RUNNING and missing and now < expires_at:
-        if not alive:
+        if not ready:
             return "waiting"
         dispatch_saga(app, saga.definition, saga_id, claimed.payload)
         redrives = claimed.redrives + 1

@@ -1,16 +1,19 @@
-"""Whether a lane has workers consuming it: how the sweeper tells a late saga from a lost one.
+"""Whether a lane is being worked off: how the sweeper tells a late saga from a lost one.
 
 Every worker, while its consumer runs (connected, taking messages), marks each queue it
-consumes in a sorted set of the broker's Redis, every ``BEAT_SECONDS``, with the time.
-A lane is alive when some worker marked it within ``ALIVE_SECONDS``. A worker stopped,
-killed or cut off from Redis stops marking; after a clean stop it removes its mark.
+consumes in a sorted set of the broker's Redis, every ``BEAT_SECONDS``, with Redis's own
+clock (hosts' clocks may differ). A lane is consumed when some worker marked it within
+``ALIVE_SECONDS``; a worker stopped, killed or cut off from Redis stops marking, and
+after a clean stop it removes its mark at once. A lane has caught up when it is consumed
+and fewer than ``CAUGHT_UP_DEPTH`` messages wait in it: an overdue saga's message is then
+no longer queued (it is lost, or running right now), so dispatching it again sends no
+copy of a backlog.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import time
 from typing import Any
 
 from celery import bootsteps
@@ -22,6 +25,30 @@ logger = logging.getLogger(__name__)
 BEAT_SECONDS = 2.0
 #: A lane marked within this long has a consumer.
 ALIVE_SECONDS = 10.0
+#: A consumed lane with fewer messages waiting than this has caught up (well under a
+#: second of work for a saga worker).
+CAUGHT_UP_DEPTH = 50
+#: kombu's Redis transport keeps a queue's prioritised messages in lists of their own.
+_PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def depth(redis: Redis, queue: str) -> int:
+    """How many messages wait in ``queue`` (every priority's list)."""
+    keys = [queue, *(f"{queue}{_PRIORITY_SEPARATOR}{n}" for n in (3, 6, 9))]
+    with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.llen(key)
+        return sum(int(n) for n in pipe.execute())
+
+
+def caught_up(redis: Redis, queue: str) -> bool:
+    """Whether ``queue`` is consumed and nearly empty (see the module's docstring)."""
+    return consumers(redis, queue) > 0 and depth(redis, queue) < CAUGHT_UP_DEPTH
+
+
+def _now(redis: Redis) -> float:
+    seconds, micros = redis.time()
+    return float(seconds) + micros / 1_000_000
 
 
 def _key(queue: str) -> str:
@@ -30,7 +57,7 @@ def _key(queue: str) -> str:
 
 def mark(redis: Redis, queues: list[str], worker: str, now: float | None = None) -> None:
     """Note that ``worker`` consumes ``queues`` now (and forget long-silent workers)."""
-    now = time.time() if now is None else now
+    now = _now(redis) if now is None else now
     with redis.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.zadd(_key(queue), {worker: now})
@@ -48,7 +75,7 @@ def unmark(redis: Redis, queues: list[str], worker: str) -> None:
 
 def consumers(redis: Redis, queue: str, now: float | None = None) -> int:
     """How many workers consumed ``queue`` within ``ALIVE_SECONDS``."""
-    now = time.time() if now is None else now
+    now = _now(redis) if now is None else now
     return int(redis.zcount(_key(queue), now - ALIVE_SECONDS, "+inf"))
 
 

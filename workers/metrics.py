@@ -22,6 +22,7 @@ from config.settings import Settings
 from sagas.engine import ACTIVE_STATES
 from sagas.runner import Completion
 from sagas.tables import outbox, sagas
+from workers import liveness
 from workers.tables import dead_letters
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ COMPENSATIONS_ESCALATED = Counter(
     "orders_compensations_escalated_total",
     "Sagas whose compensation failed COMPENSATION_MAX_ATTEMPTS times (now dead letters).",
 )
-#: Priority sub-queues kombu keeps next to each queue (Redis has no native priorities).
-_PRIORITY_SEPARATOR = "\x06\x16"
 
 
 class StackCollector(Collector):
@@ -61,8 +60,7 @@ class StackCollector(Collector):
         )
         try:
             for lane in self.queues:
-                keys = [lane, *(f"{lane}{_PRIORITY_SEPARATOR}{n}" for n in (3, 6, 9))]
-                depth.add_metric([lane], sum(self.redis.llen(key) for key in keys))
+                depth.add_metric([lane], liveness.depth(self.redis, lane))
             yield depth
         except Exception as exc:
             logger.warning("queue depth unavailable: %r", exc)

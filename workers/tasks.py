@@ -71,7 +71,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             app,
             sagas,
             runtime.recovery,
-            lane_alive=lambda: _consumed(runtime, runtime.settings.saga_queue),
+            lane_ready=lambda: _caught_up(runtime, runtime.settings.saga_queue),
             on_complete=record_completion,
             escalate=_escalate,
         )
@@ -105,11 +105,12 @@ def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) ->
     record_completion(done)
 
 
-def _consumed(runtime: Runtime, queue: str) -> bool:
-    """Whether a worker consumes ``queue`` now; not when the broker cannot say (nothing
-    could be sent to it anyway, and the sweep still completes what it can)."""
+def _caught_up(runtime: Runtime, queue: str) -> bool:
+    """Whether workers consume ``queue`` and have caught up with it; not when the broker
+    cannot say (nothing could be sent to it anyway, and the sweep still completes what
+    it can)."""
     try:
-        return liveness.consumers(runtime.redis, queue) > 0
+        return liveness.caught_up(runtime.redis, queue)
     except Exception as exc:
         logger.warning("cannot tell whether %s is consumed: %r", queue, exc)
         return False

@@ -201,7 +201,7 @@ def test_a_saga_waits_unrefused_while_no_worker_consumes_its_lane(
 ) -> None:
     overdue(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_alive=lambda: False)
+    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_ready=lambda: False)
     assert (report.waiting, report.redriven, report.completed) == (1, 0, 0)
     assert redis.llen(names.SAGA_QUEUE) == 0  # nothing piles up in the queue
     row = saga_row(engine, order["saga_id"])
@@ -216,7 +216,7 @@ def test_a_saga_past_its_business_timeout_is_cancelled_and_released(
     run(engine, order, RESERVE_STOCK)
     timed_out(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_alive=lambda: False)
+    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_ready=lambda: False)
     assert (report.redriven, report.completed) == (0, 1)
     row = order_row(engine, order["order_id"])
     assert (row.status, row.cancel_reason) == ("CANCELLED", "timed_out")
