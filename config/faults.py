@@ -67,9 +67,3 @@ def is_transient(exc: BaseException) -> bool:
         cause = exc.__cause__ or exc.__context__
         return cause is not None and is_transient(cause)
     return False
-
-
-def transient_types() -> tuple[type[BaseException], ...]:
-    """The classes that are transient whatever their details (for error handlers that
-    dispatch by class; they still ask ``is_transient`` of the others)."""
-    return _TRANSIENT_TYPES

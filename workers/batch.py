@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -259,7 +260,12 @@ def _stalled(settings: Settings, now: datetime) -> ColumnElement[bool]:
 
 
 def sweep_runs(
-    engine: Engine, app: Celery, settings: Settings, *, now: datetime | None = None
+    engine: Engine,
+    app: Celery,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    lane_ready: Callable[[], bool] = lambda: True,
 ) -> SweepReport:
     """Take up the runs that stopped moving, however they were started: one still
     PUBLISHING ``batch_publish_grace_seconds`` after it last moved (its publisher died
@@ -267,11 +273,17 @@ def sweep_runs(
     (chunk messages lost). Each is resumed, its chunks without an outcome published
     again, up to ``batch_max_resumes`` times; then it is FAILED with a reason, its
     missing chunks counted failed and kept as dead letters (a replay runs them). One
-    transaction per run, its row locked: two sweeps never take up one run together."""
+    transaction per run, its row locked: two sweeps never take up one run together.
+
+    While the batch lane is not ready (``lane_ready``: no worker consumes it, or it has
+    a backlog), nothing is resumed or failed: the run is late, not lost."""
     now = now or datetime.now(UTC)
     report = SweepReport()
     with engine.connect() as conn:
         stalled = list(conn.execute(select(_r.id).where(_stalled(settings, now))).scalars())
+    if stalled and not lane_ready():
+        logger.info("%d batch run(s) stalled while the batch lane is not ready", len(stalled))
+        return report
     for run_id in stalled:
         with engine.begin() as conn:
             run = conn.execute(
@@ -285,6 +297,7 @@ def sweep_runs(
             giving_up = run.resumes >= settings.batch_max_resumes
             if giving_up:
                 lost, reason = _give_up(conn, run, pending, now)
+                _keep_as_dead_letters(conn, settings, run_id, lost, reason)
             else:
                 conn.execute(
                     update(batch_runs)
@@ -293,7 +306,6 @@ def sweep_runs(
                 )
         if giving_up:
             logger.error("batch run %s failed: %s", run_id, reason)
-            _keep_as_dead_letters(engine, settings, run_id, lost, reason)
             report.failed += 1
         else:
             logger.warning(
@@ -349,15 +361,16 @@ def _give_up(
 
 
 def _keep_as_dead_letters(
-    engine: Engine, settings: Settings, run_id: UUID, lost: dict[int, list[str]], reason: str
+    conn: Connection, settings: Settings, run_id: UUID, lost: dict[int, list[str]], reason: str
 ) -> None:
-    """The chunks a failed run gave up on, as dead letters an operator can replay."""
+    """The chunks a failed run gave up on, as dead letters an operator can replay (in
+    the transaction that fails the run)."""
     for number, ids in lost.items():
-        dlq.record(
-            engine,
+        dlq.record_in(
+            conn,
             task_id=f"{run_id}.chunk-{number}",
             task_name=names.CREDIT_CHECK_CHUNK,
-            kind="exhausted",
+            kind=dlq.EXHAUSTED,
             error=f"batch run failed: {reason}",
             args=[str(run_id), number, ids],
             queue=settings.batch_queue,

@@ -173,7 +173,8 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
     @app.task(shared=False, name=names.SWEEP_BATCH_RUNS, base=base, retries=0, dead_letters=False)
     def sweep_batch_runs() -> dict[str, int]:
         """Resume the runs that stopped moving (chunks unpublished or lost), or fail them."""
-        return vars(batch.sweep_runs(runtime.engine, app, runtime.settings))
+        ready = lambda: _caught_up(runtime, runtime.settings.batch_queue)  # noqa: E731
+        return vars(batch.sweep_runs(runtime.engine, app, runtime.settings, lane_ready=ready))
 
 
 def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:

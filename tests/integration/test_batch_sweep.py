@@ -196,6 +196,10 @@ def test_a_run_whose_chunk_message_was_lost_is_finished_by_the_sweep(
     assert missing not in done
 
     assert batch.sweep_runs(engine, publisher, swept, now=later(590)).resumed == 0
+    # While no worker works the batch lane off, a stalled run is late, not lost.
+    idle = batch.sweep_runs(engine, publisher, swept, now=later(10_000), lane_ready=lambda: False)
+    assert idle == batch.SweepReport()
+    assert status(engine, run_id).resumes == 0
     report = batch.sweep_runs(engine, publisher, swept, now=later(601))
     assert report == batch.SweepReport(resumed=1)
     assert [number for _, number, _ in queued_chunks(swept)] == [missing]  # only the lost one
