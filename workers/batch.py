@@ -104,6 +104,7 @@ def start_run(engine: Engine, app: Celery, settings: Settings, *, window: str) -
                 total=sum(map(len, chunks)),
                 chunks=len(chunks),
                 chunk_size=size,
+                chunk_starts=[chunk[0] for chunk in chunks],
                 started_at=now,
                 finished_at=None if chunks else now,
             )
@@ -130,12 +131,23 @@ def _cut(conn: Connection, size: int) -> list[list[str]]:
 
 
 def _pending(conn: Connection, run: Any, size: int) -> dict[int, list[str]]:
-    """The run's chunks without an outcome, by number, cut as the run was cut."""
+    """The run's chunks without an outcome, by number, each with the customers between
+    its first customer and the next chunk's, as the run was cut: a customer added since
+    falls in the chunk whose range holds it, one removed is missing from its chunk, and
+    no customer is in two chunks."""
     done = set(conn.execute(select(_k.chunk).where(_k.run_id == run.id)).scalars())
-    chunks = _cut(conn, run.chunk_size or size)
-    # Customers removed since the run was cut leave its last chunks empty (they still
-    # count, as chunks of nobody).
-    return {n: chunks[n] if n < len(chunks) else [] for n in range(run.chunks) if n not in done}
+    missing = [n for n in range(run.chunks) if n not in done]
+    starts: list[str] | None = run.chunk_starts
+    if not starts:  # a run cut before the starts were kept
+        chunks = _cut(conn, run.chunk_size or size)
+        return {n: chunks[n] if n < len(chunks) else [] for n in missing}
+    pending: dict[int, list[str]] = {}
+    for n in missing:
+        query = select(customers.c.id).where(customers.c.id >= starts[n])
+        if n + 1 < len(starts):
+            query = query.where(customers.c.id < starts[n + 1])
+        pending[n] = list(conn.execute(query.order_by(customers.c.id)).scalars())
+    return pending
 
 
 def _publish(engine: Engine, app: Celery, run_id: UUID, chunks: dict[int, list[str]]) -> None:

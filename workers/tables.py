@@ -84,8 +84,10 @@ batch_runs = Table(
     Column("chunks_failed", Integer, nullable=False, server_default="0"),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
-    #: Customers per chunk when the run was cut (a resume publishes the same chunks).
+    #: Customers per chunk when the run was cut, and the first customer id of each chunk:
+    #: a resume publishes each chunk with the customers it was cut with.
     Column("chunk_size", Integer),
+    Column("chunk_starts", JSONB),
     #: How often the batch sweep published the run's missing chunks again, and when last.
     Column("resumes", Integer, nullable=False, server_default="0"),
     Column("resumed_at", DateTime(timezone=True)),

@@ -1,7 +1,8 @@
 """batch runs are swept: resumed when they stop moving, or failed with a reason
 
-A run keeps the chunk size it was cut with (a resume publishes the same chunks), how
-often the sweep resumed it and when, and why the sweep gave up on it (state FAILED).
+A run keeps the chunk size it was cut with and the first customer of each chunk (a
+resume publishes the same customers in each chunk), how often the sweep resumed it and
+when, and why the sweep gave up on it (state FAILED).
 
 Revision ID: 0009
 Revises: 0008
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0009"
 down_revision = "0008"
@@ -21,6 +23,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("batch_runs", sa.Column("chunk_size", sa.Integer()))
+    op.add_column("batch_runs", sa.Column("chunk_starts", postgresql.JSONB()))
     op.add_column(
         "batch_runs", sa.Column("resumes", sa.Integer(), nullable=False, server_default="0")
     )
@@ -32,7 +35,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("UPDATE batch_runs SET state = 'FINISHED' WHERE state = 'FAILED'")
     _states("'PUBLISHING', 'RUNNING', 'FINISHED'")
-    for column in ("reason", "resumed_at", "resumes", "chunk_size"):
+    for column in ("reason", "resumed_at", "resumes", "chunk_starts", "chunk_size"):
         op.drop_column("batch_runs", column)
 
 

@@ -19,11 +19,12 @@ from uuid import UUID
 
 import pytest
 from redis import Redis
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select, update
 
 from config import names
 from config.celeryconf import celery_config
 from config.settings import Settings
+from orders.tables import customers as customer_table
 from scripts.services import LocalRedis, free_port
 from tests.conftest import ROOT, Servers
 from tests.harness.processes import Stack, WorkerSpec
@@ -211,6 +212,30 @@ def test_a_run_whose_chunk_message_was_lost_is_finished_by_the_sweep(
         run.chunks,
         1,
     )
+
+
+def test_a_resumed_chunk_holds_the_customers_it_was_cut_with(
+    engine: Engine, swept: Settings, customers: list[str]
+) -> None:
+    publisher = create_celery(swept, publisher=True)
+    run_id = batch.start_run(engine, publisher, swept, window=batch.on_demand_window())
+    assert run_id is not None
+    chunks = queued_chunks(swept)
+    Redis.from_url(swept.broker_url).delete(swept.batch_queue)  # every chunk lost
+    # A customer who sorts before everyone joins: cut again, every chunk would shift.
+    newcomer = add_customer(engine, limit="1.00")
+    with engine.begin() as conn:
+        conn.execute(
+            update(customer_table).where(customer_table.c.id == newcomer).values(id="0-" + newcomer)
+        )
+    try:
+        assert batch.sweep_runs(engine, publisher, swept, now=later(601)).resumed == 1
+        assert queued_chunks(swept) == chunks
+        work_off(engine, swept)
+        assert status(engine, run_id).state == "FINISHED"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(delete(customer_table).where(customer_table.c.id == "0-" + newcomer))
 
 
 def test_a_run_that_never_moves_is_failed_with_a_reason_after_its_resumes(
