@@ -39,10 +39,12 @@ def run_env_file(environ: MutableMapping[str, str] | None = None) -> Path:
 
 def load_run_env(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Set the variables of ``.run/env`` that ``environ`` (``os.environ``) lacks; return
-    their names (none when there is no such file)."""
+    their names (none when there is no such file, or when ``APP_ENV`` names another
+    environment than ``make run``'s: a deployed system's settings are never mixed with a
+    local run's)."""
     env = os.environ if environ is None else environ
     path = run_env_file(env)
-    if not path.is_file():
+    if not path.is_file() or env.get("APP_ENV", "local") != "local":
         return []
     loaded = []
     for line in path.read_text().splitlines():
