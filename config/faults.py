@@ -13,8 +13,9 @@ retries, answers 503 or gives up asks ``is_transient``::
      │    │     SQLSTATE is of class 08 (connection), 40 (rollback), 53 (resources),
      │    │     57P (operator intervention), or 25006 (read-only: a failover under way)
      │    ├── sqlalchemy.exc.TimeoutError                       no pooled connection free
-     │    ├── sqlalchemy.exc.PendingRollbackError, ResourceClosedError raised while a
-     │    │     transient fault was being handled (a connection lost mid-transaction)
+     │    ├── sqlalchemy.exc.PendingRollbackError of a connection invalidated by its loss
+     │    │     (error code 8s2b), and PendingRollbackError or ResourceClosedError raised
+     │    │     while a transient fault was being handled
      │    ├── redis ConnectionError (BusyLoadingError too), TimeoutError, ReadOnlyError
      │    └── kombu.exceptions.OperationalError                 a message not published
      └── final: everything else (a constraint violation, a bug, bad data)
@@ -52,6 +53,9 @@ _TRANSIENT_SQLSTATES = ("08", "40", "53", "57P", "57014", "55P03", "25006")
 #: Raised by SQLAlchemy when a connection broke under the work that was going on: they
 #: are transient when what they interrupted was.
 _AFTERMATH = (PendingRollbackError, ResourceClosedError)
+#: SQLAlchemy's code for "Can't reconnect until invalid transaction is rolled back": a
+#: transaction whose connection was invalidated, which only a lost connection does.
+_INVALIDATED_TRANSACTION = "8s2b"
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -63,6 +67,8 @@ def is_transient(exc: BaseException) -> bool:
             return True
         code = getattr(exc.orig, "pgcode", None) or ""
         return code.startswith(_TRANSIENT_SQLSTATES)
+    if isinstance(exc, PendingRollbackError) and exc.code == _INVALIDATED_TRANSACTION:
+        return True
     if isinstance(exc, _AFTERMATH):
         cause = exc.__cause__ or exc.__context__
         return cause is not None and is_transient(cause)

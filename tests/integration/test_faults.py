@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 from sqlalchemy import Connection, Engine, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, PendingRollbackError
 
 from config.faults import is_transient
 from config.settings import Settings
@@ -64,6 +64,25 @@ def test_a_backend_terminated_mid_transaction_is_a_transient_error_that_passes(
     assert is_transient(raised.value)
     with transaction(victim) as conn:  # the pool dropped the dead connection
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
+
+
+def test_what_sqlalchemy_raises_after_a_connection_broke_mid_transaction_is_transient(
+    engine: Engine, own: Callable[..., Engine]
+) -> None:
+    conn = own().connect()
+    tx = conn.begin()
+    try:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with engine.begin() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError):
+            conn.execute(text("SELECT 1"))
+        with pytest.raises(PendingRollbackError) as raised:
+            conn.execute(text("SELECT 1"))  # the broken transaction used again
+    finally:
+        tx.rollback()
+        conn.close()
+    assert is_transient(raised.value)
 
 
 def test_a_deadlock_is_transient(engine: Engine, own: Callable[..., Engine]) -> None:
