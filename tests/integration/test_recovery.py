@@ -87,24 +87,31 @@ def run(engine: Engine, order: dict[str, Any], step: str, saga: Any = SAGA) -> A
 
 
 def overdue(engine: Engine, saga_id: UUID) -> None:
+    """Make the saga overdue, and it alone: sagas other tests left unfinished in the
+    shared database wait an hour more (their deadlines may have passed meanwhile)."""
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(
             update(sagas)
+            .where(sagas.c.id != saga_id, sagas.c.deadline_at < now + timedelta(minutes=5))
+            .where(sagas.c.state.in_(["RUNNING", "COMPENSATION_FAILED"]))
+            .values(deadline_at=now + timedelta(hours=1))
+        )
+        conn.execute(
+            update(sagas)
             .where(sagas.c.id == saga_id)
-            .values(deadline_at=datetime.now(UTC) - timedelta(seconds=1))
+            .values(deadline_at=now - timedelta(seconds=1))
         )
 
 
 def timed_out(engine: Engine, saga_id: UUID) -> None:
-    """Accepted longer ago than the business timeout, and overdue."""
+    """Accepted longer ago than the business timeout, and overdue (alone)."""
+    overdue(engine, saga_id)
     with engine.begin() as conn:
         conn.execute(
             update(sagas)
             .where(sagas.c.id == saga_id)
-            .values(
-                created_at=datetime.now(UTC) - POLICY.timeout - timedelta(seconds=1),
-                deadline_at=datetime.now(UTC) - timedelta(seconds=1),
-            )
+            .values(created_at=datetime.now(UTC) - POLICY.timeout - timedelta(seconds=1))
         )
 
 
