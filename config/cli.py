@@ -11,6 +11,7 @@ set, the defaults apply (PostgreSQL and Redis on their usual local ports).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def load_run_env(environ: MutableMapping[str, str] | None = None) -> list[str]:
 
 class ToolSettings:
     """A tool's settings, and where the ones it connects with came from (for messages)."""
+
+    @classmethod
+    def checked(cls, *, broker: bool) -> ToolSettings | None:
+        """The settings, PostgreSQL (and the broker, if asked) found answering; None
+        once what is missing has been said on standard error."""
+        try:
+            tool = cls()
+            tool.require_database()
+            if broker:
+                tool.require_broker()
+        except ToolError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+        return tool
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ

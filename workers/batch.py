@@ -35,7 +35,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, and_, func, literal, o
 from sqlalchemy.dialects.postgresql import insert
 
 from config import names
-from config.cli import ToolError, ToolSettings
+from config.cli import ToolSettings
 from config.failpoints import failpoint
 from config.settings import Settings
 from orders.credit_review import review_customers
@@ -440,13 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="a run's progress").add_argument("run_id", type=UUID)
     commands.add_parser("list", help="the latest runs")
     args = parser.parse_args(argv)
-    try:
-        tool = ToolSettings()
-        tool.require_database()
-        if args.command == "start":
-            tool.require_broker()
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    tool = ToolSettings.checked(broker=args.command == "start")
+    if tool is None:
         return 1
     settings = tool.settings
     engine = make_engine(settings, application_name="orders-batch")

@@ -413,7 +413,7 @@ def parse_age(text: str) -> timedelta:
 def main(argv: list[str] | None = None) -> int:
     """The operators' command line (settings from the environment, completed from the
     ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
-    from config.cli import ToolError, ToolSettings
+    from config.cli import ToolSettings
     from orders.db import make_engine
     from sagas.order import DEFINITIONS
     from workers.celery_app import create_celery
@@ -435,13 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         "ids", type=int, nargs="+"
     )
     args = parser.parse_args(argv)
-    try:
-        tool = ToolSettings()
-        tool.require_database()
-        if args.command == "replay":
-            tool.require_broker()
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    tool = ToolSettings.checked(broker=args.command == "replay")
+    if tool is None:
         return 1
     settings = tool.settings
     engine = make_engine(settings, application_name="orders-dlq")
