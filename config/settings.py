@@ -189,14 +189,27 @@ class Settings:
         for name in (
             "saga_deadline_seconds",
             "saga_timeout_seconds",
+            "saga_redrive_max_seconds",
+            "sweep_interval_seconds",
+            "compensation_retry_seconds",
+            "compensation_retry_max_seconds",
             "db_statement_timeout_seconds",
             "db_lock_timeout_seconds",
             "db_idle_in_transaction_seconds",
+            "batch_sweep_interval_seconds",
+            "batch_publish_grace_seconds",
+            "batch_stall_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.saga_timeout_seconds <= self.saga_deadline_seconds:
             raise ConfigError("SAGA_TIMEOUT_SECONDS must be longer than SAGA_DEADLINE_SECONDS")
+        if self.saga_redrive_max_seconds < self.saga_deadline_seconds:
+            raise ConfigError("SAGA_REDRIVE_MAX_SECONDS must be at least SAGA_DEADLINE_SECONDS")
+        if self.compensation_retry_max_seconds < self.compensation_retry_seconds:
+            raise ConfigError(
+                "COMPENSATION_RETRY_MAX_SECONDS must be at least COMPENSATION_RETRY_SECONDS"
+            )
         if self.retry_backoff_max_seconds >= self.visibility_timeout:
             raise ConfigError("RETRY_BACKOFF_MAX_SECONDS must be below VISIBILITY_TIMEOUT")
         if self.task_time_limit >= self.visibility_timeout:

@@ -47,6 +47,12 @@ def test_reads_the_environment() -> None:
         ({"RETRY_BACKOFF_MAX_SECONDS": "600"}, "RETRY_BACKOFF_MAX_SECONDS"),
         ({"SAGA_LANE": "default"}, "distinct"),
         ({"SAGA_JOIN": "redis"}, "SAGA_JOIN"),
+        ({"SAGA_TIMEOUT_SECONDS": "20"}, "SAGA_TIMEOUT_SECONDS"),
+        ({"SAGA_REDRIVE_MAX_SECONDS": "0"}, "SAGA_REDRIVE_MAX_SECONDS"),
+        ({"COMPENSATION_RETRY_MAX_SECONDS": "5"}, "COMPENSATION_RETRY_MAX_SECONDS"),
+        ({"COMPENSATION_MAX_ATTEMPTS": "0"}, "COMPENSATION_MAX_ATTEMPTS"),
+        ({"DB_LOCK_TIMEOUT_SECONDS": "0"}, "DB_LOCK_TIMEOUT_SECONDS"),
+        ({"BATCH_STALL_SECONDS": "-1"}, "BATCH_STALL_SECONDS"),
         ({"APP_ENV": "production"}, "API_KEYS"),
         (
             {"APP_ENV": "production", "API_KEYS": "k", "SAGA_STEP_DELAY_SECONDS": "1"},
