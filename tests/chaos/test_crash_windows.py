@@ -158,12 +158,15 @@ def test_a_failed_compensation_is_shown_then_retried_until_it_is_done(
     final = api.wait_until_final(order_id)
     assert (final["status"], final["cancel_reason"]) == ("CANCELLED", "credit_limit_exceeded")
     assert fired(stack, "compensate.release")
-    # Shown while it lasted (the retry may come before any poll sees it: the log keeps it).
-    assert events_of(engine, order_id) == [
-        "OrderPlaced",
-        "OrderCompensationFailed",
-        "OrderCancelled",
-    ]
+    # Shown while it lasted (the retry may come before any poll sees it: the log keeps
+    # it). With the database join the other step's completion may have taken the saga
+    # first and compensated it: then the failure never stood, and nothing was shown.
+    shown = ["OrderPlaced", "OrderCompensationFailed", "OrderCancelled"]
+    events = events_of(engine, order_id)
+    if join == "chord":
+        assert events == shown
+    else:
+        assert events in (shown, ["OrderPlaced", "OrderCancelled"])
     assert api.order(order_id)["problem"] is None
     assert dead_letters(engine, order_id) == 0
     require(settle(engine, w["world"]))
