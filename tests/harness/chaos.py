@@ -474,7 +474,10 @@ def run_chaos(plan: ChaosPlan, base: Path, log: Callable[[str], None] = print) -
             report = settle(engine, world, timeout=180)
         extra = check_history(engine, world, load) + check_decisions(engine, world)
         extra += [
-            Violation("the workers survive every fault", f"{node.name} exited on its own")
+            Violation(
+                "the workers survive every fault",
+                f"{node.name} exited on its own; its log ends:\n{node.log()[-3000:]}",
+            )
             for node in stack.worker_nodes
             if node.process is None or node.process.poll() is not None
         ]
