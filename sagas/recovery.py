@@ -95,9 +95,8 @@ def sweep_overdue(
 ) -> SweepReport:
     """Take up every saga past its deadline; return what was done. ``lane_ready`` says
     whether saga workers consume the lane and have caught up (asked once per sweep);
-    ``on_complete`` is
-    told of every saga the sweep decided; ``escalate``, of a compensation given up to an
-    operator (see ``runner.complete``)."""
+    ``on_complete`` is told of every saga the sweep decided; ``escalate``, of a
+    compensation given up to an operator (see ``runner.complete``)."""
     now = datetime.now(UTC)
     with engine.connect() as conn:
         overdue = store.overdue_sagas(conn, now, limit)
