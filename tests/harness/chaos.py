@@ -35,6 +35,7 @@ from scripts.services import LocalPostgres, LocalRedis
 from tests.conftest import API_KEY, migrate
 from tests.harness.checker import Report, Violation, World, quiet, settle
 from tests.harness.processes import Stack, WorkerSpec
+from tests.helpers import wait_for
 
 #: Recovery settings for a chaos run: short deadlines so lost work is found quickly.
 CHAOS_ENV = {
@@ -205,12 +206,17 @@ class Cluster:
         return f"{node.name} child {child}"
 
     def kill_worker_node(self, rng: random.Random) -> str:
-        """SIGKILL a whole worker (its unacknowledged messages wait), restart it."""
+        """SIGKILL a whole worker (its unacknowledged messages wait), restart it, and
+        return once it is ready: a pool child killed while its pool is still starting
+        stops a Celery worker for good (``Could not start worker processes``), which is
+        a fault of its own, not this one (``make run``'s supervisor restarts it)."""
         assert self.stack is not None
         node = rng.choice(self.stack.worker_nodes)
         node.kill()
         time.sleep(2)
+        started = node.log().count(" ready.")
         node.start()
+        wait_for(f"{node.name} to be ready again", lambda: node.log().count(" ready.") > started)
         return node.name
 
     def restart_redis(self, rng: random.Random) -> str:
