@@ -161,6 +161,15 @@ class ToolSettings:
             return self.broker_unreachable(exc)
         return None
 
+    def report(self, exc: Exception) -> int:
+        """Say what a server lost while a command ran means, and return the exit status
+        (1); any other error is raised again."""
+        explained = self.explain(exc)
+        if explained is None:
+            raise exc
+        print(f"error: {explained}", file=sys.stderr)
+        return 1
+
 
 def _first_line(exc: Exception) -> str:
     cause = getattr(exc, "orig", None) or exc

@@ -458,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             for status in latest_runs(engine):
                 print(json.dumps(status.to_dict()))
     except Exception as exc:
-        explained = tool.explain(exc)
-        if explained is None:
-            raise
-        print(f"error: {explained}", file=sys.stderr)
-        return 1
+        return tool.report(exc)
     finally:
         engine.dispose()
     return 0

@@ -468,11 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        explained = tool.explain(exc)
-        if explained is None:
-            raise
-        print(f"error: {explained}", file=sys.stderr)
-        return 1
+        return tool.report(exc)
     finally:
         engine.dispose()
     return 0
