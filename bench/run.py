@@ -38,7 +38,7 @@ from orders.tables import customers, products
 from sagas.canvas import dispatch_saga
 from sagas.definition import SagaDefinition, Step
 from scripts.services import LocalPostgres, LocalRedis
-from tests.conftest import API_KEY, migrate
+from tests.conftest import API_KEY, migrate, register_test_keys
 from tests.harness.processes import Stack, WorkerSpec
 from workers.celery_app import create_celery
 
@@ -190,8 +190,8 @@ class Bench:
             broker_url=self.redis.url(0),
             result_backend_url=self.redis.url(1),
             cache_url=self.redis.url(2),
-            api_keys=frozenset({API_KEY}),
         )
+        register_test_keys(self.settings)
         self.engine = make_engine(self.settings, application_name="bench")
         with self.engine.begin() as conn:
             conn.execute(

@@ -57,8 +57,6 @@ class Settings:
     saga_queue: str = names.SAGA_QUEUE
     default_queue: str = names.DEFAULT_QUEUE
     batch_queue: str = names.BATCH_QUEUE
-    #: Bearer tokens accepted by the API.
-    api_keys: frozenset[str] = frozenset()
     #: Largest request body the API reads, in bytes (413 above).
     max_body_bytes: int = 64 * 1024
     #: Most lines one order may have (422 above).
@@ -134,8 +132,6 @@ class Settings:
     #: Resumes of one run, after which the sweep fails it (its missing chunks become
     #: failed chunks and dead letters).
     batch_max_resumes: int = 3
-    #: Bearer tokens of operators: the dead-letter queue and batch runs (/admin, /batches).
-    admin_api_keys: frozenset[str] = frozenset()
     #: How a saga's steps are joined: "chord" (a Celery chord; its body completes the
     #: saga) or "database" (each step, once its outcome commits, completes the saga if
     #: every step has an outcome: no chord keys, no body message).
@@ -230,8 +226,6 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.env == "production":
-            if not self.api_keys:
-                raise ConfigError("API_KEYS must be set in production")
             if self.step_delay_seconds:
                 raise ConfigError("SAGA_STEP_DELAY_SECONDS is a test setting; not in production")
             if self.test_tasks:
@@ -296,7 +290,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         saga_queue=env.get("SAGA_LANE") or d.saga_queue,
         default_queue=env.get("DEFAULT_LANE") or d.default_queue,
         batch_queue=env.get("BATCH_LANE") or d.batch_queue,
-        api_keys=frozenset(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
         max_body_bytes=_number(env, "MAX_BODY_BYTES", int, d.max_body_bytes),
         max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
         max_line_quantity=_number(env, "MAX_LINE_QUANTITY", int, d.max_line_quantity),
@@ -361,9 +354,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         batch_stall_seconds=_number(env, "BATCH_STALL_SECONDS", float, d.batch_stall_seconds),
         batch_max_resumes=_number(env, "BATCH_MAX_RESUMES", int, d.batch_max_resumes),
-        admin_api_keys=frozenset(
-            k.strip() for k in env.get("ADMIN_API_KEYS", "").split(",") if k.strip()
-        ),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
         log_format=env.get("LOG_FORMAT", d.log_format).lower(),
         cache_url=_cache_url(env.get("CACHE_URL"), broker_url),

@@ -77,7 +77,12 @@ class CacheRefresher:
             row.id: Entry(
                 row.version,
                 StatusView(
-                    row.id, row.status, row.cancel_reason, row.updated_at, row.version
+                    row.id,
+                    row.status,
+                    row.cancel_reason,
+                    row.updated_at,
+                    row.version,
+                    row.customer_id,
                 ).to_json(),
             )
             for row in rows

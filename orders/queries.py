@@ -16,9 +16,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from orders.tables import customer_order_summaries, customers, order_lines, orders
 
 _o = orders.c
-_STATUSES = select(_o.id, _o.status, _o.cancel_reason, _o.updated_at, _o.version).where(
-    _o.id == func.any(bindparam("ids", type_=ARRAY(Uuid)))
-)
+_STATUSES = select(
+    _o.id, _o.status, _o.cancel_reason, _o.updated_at, _o.version, _o.customer_id
+).where(_o.id == func.any(bindparam("ids", type_=ARRAY(Uuid))))
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,14 @@ class StatusView:
     updated_at: datetime
     #: The order's last event seq.
     version: int = 0
+    #: Whose order it is (a key sees only its customers' orders).
+    customer_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The status as JSON primitives (also its cached form)."""
         return {
             "order_id": str(self.order_id),
+            "customer_id": self.customer_id,
             "status": self.status,
             "cancel_reason": self.cancel_reason,
             "updated_at": self.updated_at.isoformat(),
@@ -59,6 +62,7 @@ class StatusView:
             data["cancel_reason"],
             datetime.fromisoformat(data["updated_at"]),
             version,
+            data.get("customer_id", ""),
         )
 
 

@@ -32,7 +32,7 @@ class Reader:
         if self.caches is None:
             return queries.get_status(self.engine, order_id)
         hit = self.caches.get(STATUS, [order_id]).get(str(order_id))
-        if hit is not None:
+        if hit is not None and "customer_id" in hit.value:
             return StatusView.from_json(hit.value, hit.version)
 
         def load() -> StatusView | None:
@@ -47,7 +47,8 @@ class Reader:
         found: dict[UUID, StatusView] = {}
         if self.caches is not None:
             for key, entry in self.caches.get(STATUS, order_ids).items():
-                found[UUID(key)] = StatusView.from_json(entry.value, entry.version)
+                if "customer_id" in entry.value:  # older entries lack it: read again
+                    found[UUID(key)] = StatusView.from_json(entry.value, entry.version)
         missing = [order_id for order_id in order_ids if order_id not in found]
         if missing:
             found.update(self._load_statuses(missing))

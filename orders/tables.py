@@ -22,7 +22,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 #: Constraint names follow one pattern, so migrations can name them.
 NAMING_CONVENTION = {
@@ -203,4 +203,23 @@ customer_order_summaries = Table(
     Column("placed_total", Total, nullable=False, server_default="0"),
     Column("confirmed_total", Total, nullable=False, server_default="0"),
     Column("last_order_at", DateTime(timezone=True)),
+)
+
+#: The API's keys: each names a client, its role and the customers it may act for. Only
+#: a digest of the secret is kept; the key itself is shown once, when it is made.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    #: The key's public id: the part of the key before its secret.
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    #: client: the order endpoints; operator: also /admin and /batches.
+    Column("role", String(16), nullable=False),
+    #: The customers it may act for; NULL: every customer (a trusted back end).
+    Column("customers", ARRAY(String(64))),
+    #: sha256 of the whole key, hex.
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("revoked_at", DateTime(timezone=True)),
+    CheckConstraint("role IN ('client', 'operator')", name="role"),
 )

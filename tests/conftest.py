@@ -18,12 +18,15 @@ from alembic.config import Config
 from sqlalchemy import Engine
 
 from config.settings import POOL_PRESETS, Settings
+from orders import keys
 from orders.db import make_engine
 from scripts.services import LocalPostgres, LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The API key every test client sends.
-API_KEY = "test-api-key-0123456789"
+#: The API key every test client sends: a client key for every customer.
+API_KEY = "osk_test00client_" + "c" * 43
+#: An operator's key (the /admin and /batches endpoints).
+ADMIN_KEY = "osk_test0operate_" + "o" * 43
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,28 @@ def servers() -> Iterator[Servers]:
 
 @pytest.fixture(scope="session")
 def settings(servers: Servers) -> Settings:
-    """Settings pointing at the session's servers."""
-    return Settings(
+    """Settings pointing at the session's servers; API_KEY and ADMIN_KEY registered."""
+    settings = Settings(
         env="test",
         database_url=servers.postgres.url(),
         db_pool=POOL_PRESETS["test"],
         broker_url=servers.redis.url(0),
         result_backend_url=servers.redis.url(1),
-        api_keys=frozenset({API_KEY}),
         dispatch_timeout_seconds=0.5,
     )
+    register_test_keys(settings)
+    return settings
+
+
+def register_test_keys(settings: Settings) -> None:
+    """Register API_KEY and ADMIN_KEY in the settings' database (once)."""
+    engine = make_engine(settings, application_name="orders-tests")
+    try:
+        with engine.begin() as conn:
+            keys.add_known_key(conn, API_KEY, "tests: every customer")
+            keys.add_known_key(conn, ADMIN_KEY, "tests: operator", role=keys.Role.OPERATOR)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -66,9 +66,9 @@ def create_app(
     app.register_blueprint(orders_blueprint(settings, engine, starter, reader))
     app.register_blueprint(customers_blueprint(settings, engine, reader))
     if timeline is not None:
-        app.register_blueprint(timeline_blueprint(settings, timeline))
+        app.register_blueprint(timeline_blueprint(settings, engine, timeline, reader))
     if operations is not None:
-        app.register_blueprint(admin_blueprint(settings, operations))
+        app.register_blueprint(admin_blueprint(settings, engine, operations))
     spec = json.dumps(openapi_document())
 
     @app.get("/openapi.json")

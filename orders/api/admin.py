@@ -8,10 +8,11 @@ from uuid import UUID
 
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine
 from werkzeug.exceptions import BadRequest, NotFound
 
 from config.settings import Settings
-from orders.api.auth import require_api_key
+from orders.api.auth import require_key
 from orders.ports import Operations
 
 #: Ids are PostgreSQL BIGINTs.
@@ -47,13 +48,13 @@ def _known_id(letter_id: int) -> None:
         raise NotFound(f"no dead letter {letter_id}")
 
 
-def admin_blueprint(settings: Settings, operations: Operations) -> Blueprint:
+def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) -> Blueprint:
     """``/admin/...`` and ``/batches/<id>``, behind an operator's key."""
     bp = Blueprint("admin", __name__)
 
     @bp.before_request
     def authenticate() -> None:
-        require_api_key(settings.admin_api_keys)
+        require_key(engine, operator=True)
 
     @bp.get("/admin/dead-letters")
     def list_dead_letters() -> Response:

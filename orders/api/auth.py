@@ -1,33 +1,51 @@
-"""Bearer API keys: every order endpoint needs one of the configured keys."""
+"""Bearer API keys (orders.keys): every endpoint but health, metrics and the document
+needs one; the operators' endpoints need an operator's."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable
-
 from flask import g, request
+from sqlalchemy import Engine
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import Unauthorized
+from werkzeug.exceptions import Forbidden, NotFound, Unauthorized
+
+from orders import keys
+from orders.keys import Principal
+
+#: Longest Authorization header value looked at (a key is 64 characters).
+MAX_CREDENTIALS = 200
 
 
-def client_id(api_key: str) -> str:
-    """A stable, non-secret name for the holder of a key (scopes idempotency keys)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
-
-
-def require_api_key(keys: Iterable[str]) -> None:
-    """Abort with 401 unless the request carries one of ``keys``; set ``g.client``."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def require_key(engine: Engine, *, operator: bool = False) -> Principal:
+    """The caller's principal (also ``g.principal``; ``g.client`` is its key id, the
+    scope of its idempotency keys). 401 without a valid key; 403 when ``operator`` and
+    the key is a client's."""
+    scheme, _, token = request.headers.get("Authorization", "")[:MAX_CREDENTIALS].partition(" ")
     token = token.strip()
-    # Compare against every key in constant time, so timing tells nothing.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(token.encode(), key.encode())
-    if scheme.lower() != "bearer" or not token or not matched:
+    principal = None
+    if scheme.lower() == "bearer" and token:
+        principal = keys.authenticate(engine, token)
+    if principal is None:
         raise Unauthorized(
             "a valid API key is required: Authorization: Bearer <key>",
             # Sent with every 401, as RFC 6750 asks.
             www_authenticate=WWWAuthenticate("Bearer", {"realm": "orders"}),
         )
-    g.client = client_id(token)
+    if operator and not principal.is_operator:
+        raise Forbidden("this endpoint needs an operator's key")
+    g.principal = principal
+    g.client = principal.key_id
+    return principal
+
+
+def require_customer(customer_id: str) -> None:
+    """404, as if it did not exist, when the caller's key may not act for
+    ``customer_id`` (nothing tells a customer outside the scope exists)."""
+    principal: Principal = g.principal
+    if not principal.may_act_for(customer_id):
+        raise NotFound(f"no customer {customer_id}")
+
+
+def may_see(customer_id: str) -> bool:
+    """Whether the caller's key may read what belongs to ``customer_id``."""
+    principal: Principal = g.principal
+    return principal.may_act_for(customer_id)

@@ -23,7 +23,7 @@ from werkzeug.exceptions import (
 
 from config.settings import Settings
 from orders import queries, services
-from orders.api.auth import require_api_key
+from orders.api.auth import may_see, require_customer, require_key
 from orders.api.schemas import (
     REF_PATTERN,
     AcceptedOut,
@@ -63,13 +63,16 @@ def orders_blueprint(
 
     @bp.before_request
     def authenticate() -> None:
-        require_api_key(settings.api_keys)
+        require_key(engine)
 
     @bp.post("")
     def place_order() -> Response:
         key = _idempotency_key()
         body = OrderIn.model_validate(_json_body(settings.max_body_bytes))
         _check_limits(body, settings)
+        # A customer outside the key's scope is not there, as far as this key can tell:
+        # 404 before anything is read or written.
+        require_customer(body.customer_id)
         cmd = PlaceOrder(
             customer_id=body.customer_id,
             lines=tuple(OrderLine(line.product_id, line.quantity) for line in body.lines),
@@ -96,7 +99,7 @@ def orders_blueprint(
         if not 0 < len(raw) <= MAX_STATUS_IDS:
             raise BadRequest(f"ids: 1 to {MAX_STATUS_IDS} order ids, separated by commas")
         ids = list(dict.fromkeys(_uuid(text, BadRequest) for text in raw))
-        found = reader.statuses(ids)
+        found = {i: v for i, v in reader.statuses(ids).items() if may_see(v.customer_id)}
         out = StatusesOut(
             statuses=[_status_out(found[i]) for i in ids if i in found],
             unknown=[str(i) for i in ids if i not in found],
@@ -106,14 +109,14 @@ def orders_blueprint(
     @bp.get("/<order_id>")
     def get_order(order_id: str) -> Response:
         view = reader.order(_uuid(order_id))
-        if view is None:
+        if view is None or not may_see(view.customer_id):
             raise NotFound(f"no order {order_id}")
         return _json(_order_out(view).model_dump(mode="json"))
 
     @bp.get("/<order_id>/status")
     def get_status(order_id: str) -> Response:
         view = reader.status(_uuid(order_id))
-        if view is None:
+        if view is None or not may_see(view.customer_id):
             raise NotFound(f"no order {order_id}")
         return _json(_status_out(view).model_dump(mode="json"))
 
@@ -126,10 +129,11 @@ def customers_blueprint(settings: Settings, engine: Engine, reader: Reader) -> B
 
     @bp.before_request
     def authenticate() -> None:
-        require_api_key(settings.api_keys)
+        require_key(engine)
         customer_id = (request.view_args or {}).get("customer_id", "")
         if not _REF.fullmatch(customer_id):
             raise NotFound(f"no customer {customer_id!r}")
+        require_customer(customer_id)
 
     @bp.get("/<customer_id>/orders")
     def customer_orders(customer_id: str) -> Response:

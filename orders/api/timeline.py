@@ -10,11 +10,13 @@ from html import escape
 from uuid import UUID
 
 from flask import Blueprint, Response
+from sqlalchemy import Engine
 from werkzeug.exceptions import NotFound
 
 from config.settings import Settings
-from orders.api.auth import require_api_key
+from orders.api.auth import may_see, require_key
 from orders.ports import SagaTimeline, TimelineSource
+from orders.reads import Reader
 
 #: Pixels of the time axis, and of the label column left of it.
 AXIS_WIDTH, LABEL_WIDTH, ROW_HEIGHT = 640, 190, 34
@@ -158,19 +160,26 @@ acceptance. Steps whose bars overlap ran at the same time.</p>
 """
 
 
-def timeline_blueprint(settings: Settings, source: TimelineSource) -> Blueprint:
-    """The timeline endpoints, behind the API key like every order endpoint."""
+def timeline_blueprint(
+    settings: Settings, engine: Engine, source: TimelineSource, reader: Reader
+) -> Blueprint:
+    """The timeline endpoints, behind the API key like every order endpoint: a key sees
+    the timelines of its customers' orders only."""
     bp = Blueprint("timeline", __name__, url_prefix="/orders")
 
     @bp.before_request
     def authenticate() -> None:
-        require_api_key(settings.api_keys)
+        require_key(engine)
 
     def load(order_id: str) -> SagaTimeline:
         try:
-            found = source.timeline(UUID(order_id))
+            wanted = UUID(order_id)
         except ValueError:
-            found = None
+            raise NotFound(f"no order {order_id}") from None
+        status = reader.status(wanted)
+        found = None
+        if status is not None and may_see(status.customer_id):
+            found = source.timeline(wanted)
         if found is None:
             raise NotFound(f"no order {order_id}")
         return found

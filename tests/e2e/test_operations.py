@@ -26,7 +26,7 @@ from sqlalchemy import Engine, func, insert, select, text, update
 from config import names
 from config.settings import Settings
 from orders.tables import credit_reviews, customers
-from tests.conftest import Servers
+from tests.conftest import ADMIN_KEY, Servers
 from tests.harness.client import Api
 from tests.harness.processes import Service, Stack, WorkerSpec
 from tests.helpers import add_customer, add_product, wait_for
@@ -35,7 +35,7 @@ from workers.tables import batch_runs, dead_letters
 
 pytestmark = pytest.mark.e2e
 
-ADMIN = "operator-key-0123456789"
+ADMIN = ADMIN_KEY
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 LANES = [
     WorkerSpec("saga", "saga.high", concurrency=2),
@@ -56,7 +56,6 @@ def ops(settings: Settings, servers: Servers) -> Iterator[tuple[Stack, Celery]]:
         beat=False,
         extra_env={
             "TEST_TASKS": "1",
-            "ADMIN_API_KEYS": ADMIN,
             "TASK_MAX_RETRIES": "5",  # above Celery's own default of 3
             "RETRY_BACKOFF_SECONDS": "0.25",
             "RETRY_BACKOFF_MAX_SECONDS": "2",

@@ -32,7 +32,7 @@ from orders.db import make_engine
 from orders.domain import CancelReason
 from orders.tables import customers, idempotency_keys, orders, products
 from scripts.services import LocalPostgres, LocalRedis
-from tests.conftest import API_KEY, migrate
+from tests.conftest import API_KEY, migrate, register_test_keys
 from tests.harness.checker import Report, Violation, World, quiet, settle
 from tests.harness.processes import Stack, WorkerSpec
 from tests.helpers import wait_for
@@ -160,8 +160,8 @@ class Cluster:
             db_pool=POOL_PRESETS["test"],
             broker_url=self.redis.url(0),
             result_backend_url=self.redis.url(1),
-            api_keys=frozenset({API_KEY}),
         )
+        register_test_keys(settings)
         self.engine = make_engine(settings, application_name="chaos-checker")
         self.stack = Stack(
             settings,

@@ -99,7 +99,6 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.broker_url,
         "RESULT_BACKEND_URL": settings.result_backend_url,
-        "API_KEYS": ",".join(sorted(settings.api_keys)),
         "CACHE_URL": settings.cache_url or "off",
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",

@@ -198,30 +198,6 @@ def test_concurrent_retries_with_one_key_make_one_order(
     assert row_counts(engine)["orders"] == before["orders"] + 1
 
 
-def test_keys_are_scoped_per_client(
-    settings: Settings, engine: Engine, refs: dict[str, str]
-) -> None:
-    app = create_app(
-        replace(settings, api_keys=frozenset({"key-a", "key-b"})),
-        starter=RecordingLauncher(),
-        engine=engine,
-    )
-    body = {
-        "customer_id": refs["customer"],
-        "lines": [{"product_id": refs["product"], "quantity": 1}],
-    }
-    with app.test_client() as client:
-        ids = {
-            client.post(
-                "/orders",
-                json=body,
-                headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "shared"},
-            ).json["order_id"]
-            for key in ("key-a", "key-b")
-        }
-    assert len(ids) == 2
-
-
 def bad_bodies(refs: dict[str, str]) -> list[tuple[str, Any, int, str]]:
     """(case, body, status, words the problem must contain)."""
     c, p = refs["customer"], refs["product"]
