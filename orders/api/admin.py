@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -13,10 +14,13 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from config.settings import Settings
 from orders.api.auth import require_key
+from orders.api.bodies import read_json
 from orders.ports import Operations
 
 #: Ids are PostgreSQL BIGINTs.
 MAX_ID = 2**63 - 1
+#: Longest text filter (a task name, a piece of an error message).
+MAX_FILTER_CHARS = 200
 
 
 class LetterIds(BaseModel):
@@ -33,14 +37,17 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
-def _body(model: type[BaseModel]) -> Any:
-    if request.mimetype != "application/json":
-        raise BadRequest("send application/json")
-    try:
-        data = json.loads(request.get_data(cache=False) or b"null")
-    except ValueError:
-        raise BadRequest("the body is not valid JSON") from None
-    return model.model_validate(data)
+def _text_filter(name: str) -> str | None:
+    """A text filter of the query string: at most MAX_FILTER_CHARS, no control character
+    (a NUL cannot even reach PostgreSQL)."""
+    value = request.args.get(name)
+    if value is None:
+        return None
+    if len(value) > MAX_FILTER_CHARS:
+        raise BadRequest(f"{name} is at most {MAX_FILTER_CHARS} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise BadRequest(f"{name} must not hold control characters")
+    return value
 
 
 def _known_id(letter_id: int) -> None:
@@ -51,6 +58,9 @@ def _known_id(letter_id: int) -> None:
 def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) -> Blueprint:
     """``/admin/...`` and ``/batches/<id>``, behind an operator's key."""
     bp = Blueprint("admin", __name__)
+
+    def body(model: type[BaseModel]) -> Any:
+        return model.model_validate(read_json(settings.max_body_bytes))
 
     @bp.before_request
     def authenticate() -> None:
@@ -72,8 +82,8 @@ def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) 
         if not 1 <= limit <= 1000:
             raise BadRequest("limit is between 1 and 1000")
         letters = operations.dead_letters(
-            task=args.get("task"),
-            error=args.get("error"),
+            task=_text_filter("task"),
+            error=_text_filter("error"),
             older_than_seconds=older,
             state=state,
             limit=limit,
@@ -95,11 +105,11 @@ def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) 
 
     @bp.post("/admin/dead-letters/replay")
     def replay_many() -> Response:
-        return _json({"replayed": operations.replay(_body(LetterIds).ids)}, 202)
+        return _json({"replayed": operations.replay(body(LetterIds).ids)}, 202)
 
     @bp.post("/admin/dead-letters/purge")
     def purge() -> Response:
-        return _json({"purged": operations.purge(_body(LetterIds).ids)})
+        return _json({"purged": operations.purge(body(LetterIds).ids)})
 
     @bp.post("/admin/batches/credit-check")
     def start_credit_check() -> Response:

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 #: The broker unreachable while publishing (an operator's replay or run start).
 BROKER_ERRORS = (BrokerOperationalError, RedisConnectionError, RedisTimeoutError)
+#: Most entries of a problem's ``errors`` list; the rest are only counted
+#: (``errors_omitted``), so a large bad body cannot make a larger answer.
+MAX_ERRORS = 20
+#: Longest text of an entry (a ``loc`` may name an unknown key the client made up).
+MAX_ERROR_CHARS = 200
 
 
 def problem(status: int, title: str, detail: str | None = None, **extensions: Any) -> Response:
@@ -38,14 +43,30 @@ def problem(status: int, title: str, detail: str | None = None, **extensions: An
     return Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
 
 
+def capped_errors(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """``errors`` and ``errors_omitted`` extensions: the first MAX_ERRORS entries, and
+    how many more there were. Long texts are cut to MAX_ERROR_CHARS."""
+    shown = [{key: _cut(value) for key, value in error.items()} for error in errors[:MAX_ERRORS]]
+    return {"errors": shown, "errors_omitted": max(0, len(errors) - MAX_ERRORS)}
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_ERROR_CHARS:
+        return value[: MAX_ERROR_CHARS - 1] + "…"
+    return value
+
+
 def validation_problem(exc: ValidationError) -> Response:
-    """A 422 naming each field that failed validation, and why."""
+    """A 422 naming each field that failed validation (the first MAX_ERRORS), and why."""
     errors = [
         {"loc": ".".join(str(part) for part in error["loc"]), "msg": error["msg"]}
         for error in exc.errors(include_url=False, include_input=False)
     ]
     return problem(
-        422, "Invalid order", "the request body does not match the schema", errors=errors
+        422,
+        "Invalid order",
+        "the request body does not match the schema",
+        **capped_errors(errors),
     )
 
 
@@ -67,7 +88,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(InvalidOrderError)
     def invalid_order(exc: InvalidOrderError) -> Response:
         title = "Credit limit exceeded" if isinstance(exc, CreditPrecheckError) else "Invalid order"
-        return problem(422, title, exc.detail, errors=exc.errors)
+        return problem(422, title, exc.detail, **capped_errors(exc.errors))
 
     @app.errorhandler(IdempotencyKeyReusedError)
     def key_reused(exc: IdempotencyKeyReusedError) -> Response:

@@ -88,6 +88,8 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[dict[str, str]] | None = None
+    #: How many more errors there were than ``errors`` lists.
+    errors_omitted: int | None = None
 
 
 class StatusesOut(BaseModel):
