@@ -1,5 +1,10 @@
 """The API's Prometheus metrics: requests and their latency, by route and status.
 
+Every label takes a bounded set of values, whatever clients send: the route is the
+matched rule's pattern (``unmatched`` for none), the method one of the standard ones
+(``other`` for any made-up one), the status a code HTTP defines (``other`` for the
+rest). A label value per client-chosen string would grow ``/metrics`` without bound.
+
 Under gunicorn (several processes) the values live in PROMETHEUS_MULTIPROC_DIR (set up by
 config/gunicorn.py) and ``/metrics`` adds up every process; otherwise, in this process.
 """
@@ -19,6 +24,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from werkzeug.http import HTTP_STATUS_CODES
+
+#: Methods counted under their own name; any other is counted as ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 REQUESTS = Counter(
     "orders_api_requests_total", "HTTP requests answered.", ["route", "method", "status"]
@@ -43,8 +52,11 @@ def instrument(app: Flask) -> None:
         started = g.pop("request_started", None)
         if started is not None:
             route = request.url_rule.rule if request.url_rule else "unmatched"
-            REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-            LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+            method = request.method if request.method in METHODS else "other"
+            code = response.status_code
+            status = str(code) if code in HTTP_STATUS_CODES else "other"
+            REQUESTS.labels(route, method, status).inc()
+            LATENCY.labels(route, method).observe(time.perf_counter() - started)
         return response
 
     @app.get("/metrics")
