@@ -19,7 +19,10 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
 
     Every session gets the statement, lock and idle-in-transaction timeouts of the
     settings: a statement stuck on a lock, or a transaction left open by a process that
-    hung, fails (transiently) instead of holding rows for ever."""
+    hung, fails (transiently) instead of holding rows for ever.
+
+    A statement's parameters never appear in its errors (``hide_parameters``): the
+    errors are logged and kept for operators, and parameters hold customers' data."""
     pool = settings.db_pool
     timeouts = " ".join(
         f"-c {name}={int(seconds * 1000)}"
@@ -33,6 +36,7 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
         settings.database_url,
         pool_size=pool.pool_size,
         max_overflow=pool.max_overflow,
+        hide_parameters=True,
         pool_timeout=pool.pool_timeout,
         pool_recycle=pool.pool_recycle,
         # No pre-ping (a round trip and a transaction per checkout): a connection broken

@@ -60,7 +60,8 @@ class SagaHandlers(Protocol):
     def compensation_failed(
         self, conn: Connection, payload: Mapping[str, Any], reason: str, problem: str
     ) -> None:
-        """Record that the applied steps could not be undone (yet)."""
+        """Record that the applied steps could not be undone (yet). ``problem`` is a
+        short, stable text fit for clients (the error's class and a fixed sentence)."""
 
 
 class StepsPending(Exception):
@@ -149,6 +150,11 @@ NEVER = datetime(9999, 1, 1, tzinfo=UTC)
 #: Told, inside the transaction that gives a compensation up to an operator, of the
 #: saga, how many times it failed and the last problem: what it writes commits with it.
 Escalate = Callable[[Connection, UUID, int, str], None]
+#: What the saga's handlers are told of a failed compensation, after the error's class:
+#: stable texts a client may read. The error itself (SQL, a row's contents) stays in the
+#: saga record, the log and the operator's dead letter.
+COMPENSATION_RETRIED = "the compensation failed; it will be retried"
+COMPENSATION_LEFT = "the compensation failed; an operator has been alerted"
 
 
 def complete(
@@ -258,7 +264,8 @@ def _record_compensation_failure(
     escalate: Escalate | None,
 ) -> Completion:
     reason = failure.decision.reason or "cancelled"
-    problem = f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:2000]
+    kind = type(failure.__cause__).__name__
+    problem = f"{kind}: {failure.__cause__}"[:2000]
     with engine.begin() as conn:
         locked = store.lock_saga(conn, saga_id)
         if locked is None or locked.state in TERMINAL_STATES:
@@ -268,7 +275,8 @@ def _record_compensation_failure(
         wait = retry_after(attempts)
         retry_at = NEVER if wait is None else datetime.now(UTC) + wait
         store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at, attempts)
-        saga.compensation_failed(conn, locked.payload, reason, problem)
+        summary = f"{kind}: {COMPENSATION_LEFT if wait is None else COMPENSATION_RETRIED}"
+        saga.compensation_failed(conn, locked.payload, reason, summary)
         if wait is None and escalate is not None:
             escalate(conn, saga_id, attempts, problem)
     if wait is None:
