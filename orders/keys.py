@@ -300,7 +300,7 @@ def _command(engine: Engine, args: argparse.Namespace) -> int:
         return 0 if done else 1
     from orders.demo import CUSTOMERS
 
-    made = demo_keys(engine, args.out, [c["id"] for c in CUSTOMERS])
+    made = demo_keys(engine, args.out, [str(c["id"]) for c in CUSTOMERS])
     print(f"demo keys {'written to' if made else 'kept in'} {args.out}", file=sys.stderr)
     return 0
 

@@ -40,10 +40,12 @@ def create_app(
     engine = engine or make_engine(settings, application_name="orders-api")
     app = Flask(__name__)
     # Never the debugger. Bodies past the limit are refused with 413: by Content-Length
-    # before reading, or after reading one byte too many (see routes._json_body).
+    # before reading, or after reading one byte too many (see bodies.read_json).
     app.config.update(DEBUG=False, MAX_CONTENT_LENGTH=settings.max_body_bytes + 1)
     register_error_handlers(app)
     instrument(app)
+    install_rate_limit(app, settings)  # before authentication: no database lookup
+    install_admission(app, settings)  # after the rate limit, before PostgreSQL
 
     @app.teardown_request
     def forget_log_context(exc: BaseException | None) -> None:

@@ -17,13 +17,12 @@ from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
     NotFound,
-    RequestEntityTooLarge,
-    UnsupportedMediaType,
 )
 
 from config.settings import Settings
 from orders import queries, services
 from orders.api.auth import may_see, require_customer, require_key
+from orders.api.bodies import read_json
 from orders.api.schemas import (
     REF_PATTERN,
     AcceptedOut,
@@ -68,7 +67,7 @@ def orders_blueprint(
     @bp.post("")
     def place_order() -> Response:
         key = _idempotency_key()
-        body = OrderIn.model_validate(_json_body(settings.max_body_bytes))
+        body = OrderIn.model_validate(read_json(settings.max_body_bytes))
         _check_limits(body, settings)
         # A customer outside the key's scope is not there, as far as this key can tell:
         # 404 before anything is read or written.
@@ -229,22 +228,6 @@ def _cursor(raw: str | None) -> tuple[datetime, UUID] | None:
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
-
-
-def _json_body(max_bytes: int) -> Any:
-    """The request's JSON document; 415 for another media type, 413 past ``max_bytes``,
-    400 when malformed."""
-    if request.mimetype != "application/json":
-        raise UnsupportedMediaType("send the order as application/json")
-    # Flask reads at most MAX_CONTENT_LENGTH = max_bytes + 1 bytes; a chunked body (no
-    # Content-Length) is cut there silently, so one byte more than allowed means too large.
-    raw = request.get_data(cache=False)
-    if len(raw) > max_bytes:
-        raise RequestEntityTooLarge()
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {type(exc).__name__}") from None
 
 
 def _check_limits(body: OrderIn, settings: Settings) -> None:
