@@ -182,7 +182,7 @@ class Bench:
         self.postgres.start()
         self.redis.start()
         self.postgres.create_database("orders")
-        migrate(self.postgres.url())
+        migrate(self.postgres.url(role="owner"))
         self.settings = Settings(
             env="test",
             database_url=self.postgres.url(),

@@ -1,11 +1,20 @@
-"""Alembic environment: migrate the database named by DATABASE_URL."""
+"""Alembic environment: migrate the database named by DATABASE_URL.
+
+Migrations run as the schema's owner. The system's processes connect as another role
+(DB_APP_ROLE, ``orders_app`` unless set) that may only read and write rows: after every
+upgrade, that role gets SELECT, INSERT, UPDATE and DELETE on every table and the use of
+every sequence (the tables a migration adds included), and only SELECT on
+``alembic_version``. Where the role does not exist, nothing is granted.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool, text
 
 from config.settings import load_settings
 from orders.tables import metadata as orders_metadata
@@ -26,6 +35,33 @@ def database_url() -> str:
     return context.config.get_main_option("sqlalchemy.url") or load_settings().database_url
 
 
+def app_role() -> str:
+    """The role the system's processes connect as."""
+    role = os.environ.get("DB_APP_ROLE") or "orders_app"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+        raise ValueError(f"DB_APP_ROLE is not a plain role name: {role!r}")
+    return role
+
+
+def grant_rows(connection: Connection, role: str) -> None:
+    """Let ``role`` use the rows of every table and sequence, and change no schema."""
+    if (
+        connection.execute(
+            text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role}
+        ).first()
+        is None
+    ):
+        return
+    # The role name was checked by app_role(), so formatting it into SQL is safe.
+    for statement in (
+        f"GRANT USAGE ON SCHEMA public TO {role}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {role}",
+    ):
+        connection.execute(text(statement))
+
+
 def run_migrations_offline() -> None:
     """Print the SQL instead of running it."""
     context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True)
@@ -40,6 +76,7 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
         with context.begin_transaction():
             context.run_migrations()
+            grant_rows(connection, app_role())
 
 
 if context.is_offline_mode():

@@ -3,18 +3,27 @@
 Both run from the machine's binaries (Debian's ``redis-server``, PostgreSQL 15) in a
 directory of our own. PostgreSQL refuses to run as root: as root, its commands run as
 the ``postgres`` user. Standard library only.
+
+PostgreSQL asks every connection for a password (scram-sha-256, over TCP and the unix
+socket alike) and has three roles: ``postgres``, the superuser, for administration
+only; ``orders``, which owns the databases and their schema and runs the migrations;
+``orders_app``, which the system's processes use: it reads and writes rows, nothing
+more (no DDL, no superuser, no CREATE on the schema).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 PG_BIN_DIRS = (
     "/usr/lib/postgresql/15/bin",
@@ -23,8 +32,53 @@ PG_BIN_DIRS = (
 )
 #: The OS user that runs PostgreSQL when we are root.
 PG_OS_USER = "postgres"
-#: The database superuser created by initdb (local trust authentication on 127.0.0.1).
-PG_SUPERUSER = "orders"
+#: The database superuser created by initdb: administration only.
+PG_SUPERUSER = "postgres"
+#: The owner of the databases and their schema: the migrations run as this role.
+PG_OWNER = "orders"
+#: The role the system's processes connect as: rows only (SELECT, INSERT, UPDATE,
+#: DELETE, its tables' sequences).
+PG_APP_ROLE = "orders_app"
+#: Which role :meth:`LocalPostgres.url` connects as.
+Role = Literal["app", "owner", "admin"]
+
+
+@dataclass(frozen=True)
+class PgPasswords:
+    """The password of each role."""
+
+    admin: str
+    owner: str
+    app: str
+
+    @classmethod
+    def generate(cls) -> PgPasswords:
+        """New random passwords."""
+        return cls(*(secrets.token_urlsafe(24) for _ in range(3)))
+
+
+def _literal(value: str) -> str:
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    path.chmod(0o600)
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` a directory only we can enter; as root, the ``postgres`` user may
+    pass through it (mode 710, group postgres) to reach its own directories."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(path, "root", PG_OS_USER)
+        path.chmod(0o710)
+    else:
+        path.chmod(0o700)
 
 
 def free_port() -> int:
@@ -60,60 +114,118 @@ def pg_bin_dir() -> Path:
 
 
 class LocalPostgres:
-    """A PostgreSQL cluster in ``base/pg``, listening on 127.0.0.1 only."""
+    """A PostgreSQL cluster in ``base/pg``, listening on 127.0.0.1 only, every
+    connection authenticated by password (scram-sha-256)."""
 
-    def __init__(self, base: Path, port: int | None = None, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        base: Path,
+        port: int | None = None,
+        *,
+        fsync: bool = True,
+        passwords: PgPasswords | None = None,
+    ) -> None:
         self.base = base
         self.data = base / "pg"
         self.sockets = base / "pg-socket"
         self.log = base / "pg.log"
         self.port = port or free_port()
         self.fsync = fsync
+        self.passwords = passwords or PgPasswords.generate()
         self.bin = pg_bin_dir()
 
-    def url(self, database: str = "orders") -> str:
-        """The SQLAlchemy URL of ``database``."""
-        return f"postgresql+psycopg2://{PG_SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "orders", *, role: Role = "app") -> str:
+        """The SQLAlchemy URL of ``database`` as ``role``: ``app`` (the system's
+        processes: rows only), ``owner`` (migrations) or ``admin`` (the superuser)."""
+        user, password = self._credentials(role)
+        return f"postgresql+psycopg2://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _credentials(self, role: Role) -> tuple[str, str]:
+        if role == "app":
+            return PG_APP_ROLE, self.passwords.app
+        if role == "owner":
+            return PG_OWNER, self.passwords.owner
+        return PG_SUPERUSER, self.passwords.admin
+
+    def _run(
+        self,
+        *argv: str,
+        check: bool = True,
+        password: str | None = None,
+        stdin: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin / argv[0]), *argv[1:]]
         if os.geteuid() == 0:
             command = ["runuser", "-u", PG_OS_USER, "--", *command]
-        return subprocess.run(command, check=check, capture_output=True, text=True)
+        # A password goes through the environment (only its user and root read a
+        # process's environment), never the command line that `ps` shows everyone.
+        env = {**os.environ, "PGPASSWORD": password} if password is not None else None
+        return subprocess.run(
+            command,
+            check=check,
+            capture_output=True,
+            text=True,
+            env=env,
+            input=stdin,
+            cwd=self.base if self.base.is_dir() else None,
+        )
 
     def _own(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(path, PG_OS_USER, PG_OS_USER)
-            path.chmod(0o700)
+        path.chmod(0o700)
 
-    def start(self) -> None:
-        """Create the cluster if needed and start it; return when it accepts connections."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        self.base.chmod(0o755)  # the postgres user must reach its directories
-        self._own(self.sockets)
-        if not (self.data / "PG_VERSION").exists():
-            self._own(self.data)
+    def _trusting(self) -> bool:
+        """Whether the cluster lets connections in without a password (made by an
+        older version of this file)."""
+        hba = self.data / "pg_hba.conf"
+        return hba.exists() and any(
+            line.split()[-1] == "trust"
+            for line in hba.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
+
+    def _initdb(self) -> None:
+        self._own(self.data)
+        pwfile = self.sockets / "initdb-password"  # in a directory only postgres enters
+        private_file(pwfile, self.passwords.admin + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, PG_OS_USER, PG_OS_USER)
+        try:
             self._run(
                 "initdb",
                 "-D",
                 str(self.data),
                 "-U",
                 PG_SUPERUSER,
-                "-A",
-                "trust",
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
             )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def start(self) -> None:
+        """Create the cluster if needed and start it; return when it accepts
+        connections and its roles are in place."""
+        private_dir(self.base)
+        self._own(self.sockets)
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        self.log.chmod(0o600)
         if os.geteuid() == 0:
-            self.log.touch()
             shutil.chown(self.log, PG_OS_USER, PG_OS_USER)
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} "
             f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 "
-            "-c shared_buffers=128MB"
+            "-c shared_buffers=128MB -c password_encryption=scram-sha-256 "
+            "-c unix_socket_permissions=0700"
         )
         try:
             self._run(
@@ -132,18 +244,75 @@ class LocalPostgres:
         except subprocess.CalledProcessError as exc:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}\n{tail}") from exc
+        if self._trusting():
+            self._stop_trusting()
+        self._ensure_roles()
+
+    def _stop_trusting(self) -> None:
+        """Give a cluster that trusted everyone (its superuser was ``orders``) a
+        superuser with a password, then ask a password of every connection."""
+        admin, password = PG_SUPERUSER, _literal(self.passwords.admin)
+        sql = (
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{admin}') "
+            f"THEN CREATE ROLE {admin} SUPERUSER; END IF; END $$;\n"
+            f"ALTER ROLE {admin} SUPERUSER LOGIN PASSWORD {password};\n"
+        )
+        self._psql_as(PG_OWNER, "", "postgres", sql)
+        hba = self.data / "pg_hba.conf"
+        lines = [
+            re.sub(r"\btrust\s*$", "scram-sha-256", line)
+            if line.strip() and not line.lstrip().startswith("#")
+            else line
+            for line in hba.read_text().splitlines()
+        ]
+        hba.write_text("\n".join(lines) + "\n")
+        self._run("pg_ctl", "-D", str(self.data), "reload")
+
+    def _ensure_roles(self) -> None:
+        """The owner and the application's role, with their passwords (idempotent)."""
+        sql = "".join(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') "
+            f"THEN CREATE ROLE {name}; END IF; END $$;\n"
+            f"ALTER ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+            f"NOBYPASSRLS PASSWORD {_literal(password)};\n"
+            for name, password in (
+                (PG_OWNER, self.passwords.owner),
+                (PG_APP_ROLE, self.passwords.app),
+            )
+        )
+        self.psql("postgres", sql)
 
     def create_database(self, name: str) -> None:
-        """Create ``name`` unless it exists."""
+        """Create ``name`` unless it exists, owned by the owner; the application's role
+        may connect and use its tables' rows (the migrations grant them), nobody else
+        may connect or create anything in its schema."""
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
             raise ValueError(f"not a plain database name: {name!r}")
         # The name was checked above, so formatting it into SQL is safe.
         exists = self.psql("postgres", f"SELECT 1 FROM pg_database WHERE datname = '{name}'")  # noqa: S608
         if exists.strip() != "1":
-            self.psql("postgres", f'CREATE DATABASE "{name}"')
+            self.psql("postgres", f'CREATE DATABASE "{name}" OWNER {PG_OWNER}')
+        self.psql(
+            name,
+            f'ALTER DATABASE "{name}" OWNER TO {PG_OWNER};\n'
+            f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC;\n'
+            f'GRANT CONNECT ON DATABASE "{name}" TO {PG_APP_ROLE};\n'
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC;\n"
+            f"GRANT USAGE ON SCHEMA public TO {PG_APP_ROLE};\n"
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {PG_OWNER} IN SCHEMA public "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {PG_APP_ROLE};\n"
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {PG_OWNER} IN SCHEMA public "
+            f"GRANT USAGE, SELECT ON SEQUENCES TO {PG_APP_ROLE};\n",
+        )
 
-    def psql(self, database: str, sql: str) -> str:
-        """Run one SQL command through psql and return its unaligned output."""
+    def psql(self, database: str, sql: str, *, role: Role = "admin") -> str:
+        """Run SQL through psql as ``role`` (the superuser unless told) and return its
+        unaligned output. The SQL goes through psql's standard input: a password in it
+        never shows on a command line."""
+        user, password = self._credentials(role)
+        return self._psql_as(user, password, database, sql)
+
+    def _psql_as(self, user: str, password: str, database: str, sql: str) -> str:
         result = self._run(
             "psql",
             "-h",
@@ -151,14 +320,14 @@ class LocalPostgres:
             "-p",
             str(self.port),
             "-U",
-            PG_SUPERUSER,
+            user,
             "-d",
             database,
             "-XAtq",
             "-v",
             "ON_ERROR_STOP=1",
-            "-c",
-            sql,
+            password=password,
+            stdin=sql,
         )
         return result.stdout
 
@@ -203,7 +372,9 @@ class LocalRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server not found; run scripts/bootstrap.sh")
+        # Its append-only file holds the messages (sagas' payloads): ours only.
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
         config = (
             f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\n"
             f'requirepass {self.password}\ndir {self.dir}\nsave ""\n'
@@ -215,9 +386,8 @@ class LocalRedis:
             )
             + "logfile redis.log\ndatabases 64\n"
         )
+        private_file(self.dir / "redis.conf", config)  # holds the password
         conf = self.dir / "redis.conf"
-        conf.write_text(config)
-        conf.chmod(0o600)  # holds the password
         self.process = subprocess.Popen([binary, str(conf)], start_new_session=True)
         wait_for_port(self.port, 20)
 

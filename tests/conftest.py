@@ -9,7 +9,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -58,8 +58,8 @@ def servers() -> Iterator[Servers]:
     try:
         redis.start()
         postgres.create_database("orders")
-        migrate(postgres.url())
-        yield Servers(base, postgres, redis)
+        migrate(postgres.url(role="owner"))  # the schema's owner; the tests' processes
+        yield Servers(base, postgres, redis)  # connect as the application's role
     finally:
         redis.stop()
         postgres.stop("immediate")
@@ -97,5 +97,17 @@ def register_test_keys(settings: Settings) -> None:
 def engine(settings: Settings) -> Iterator[Engine]:
     """An engine on the session's database."""
     engine = make_engine(settings, application_name="orders-tests")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def owner_engine(servers: Servers, settings: Settings) -> Iterator[Engine]:
+    """An engine on the session's database as the schema's owner, for what the system
+    itself may not do (DDL, cleaning up beyond rows)."""
+    engine = make_engine(
+        replace(settings, database_url=servers.postgres.url(role="owner")),
+        application_name="orders-tests-owner",
+    )
     yield engine
     engine.dispose()

@@ -153,7 +153,7 @@ class Cluster:
         self.postgres.start()
         self.redis.start()
         self.postgres.create_database("orders")
-        migrate(self.postgres.url())
+        migrate(self.postgres.url(role="owner"))
         settings = Settings(
             env="test",
             database_url=self.postgres.url(),

@@ -24,7 +24,7 @@ DATABASE = "orders_migrations"
 @pytest.fixture(scope="module")
 def fresh(servers: Servers) -> Iterator[Engine]:
     servers.postgres.create_database(DATABASE)
-    engine = create_engine(servers.postgres.url(DATABASE))
+    engine = create_engine(servers.postgres.url(DATABASE, role="owner"))
     yield engine
     engine.dispose()
 
