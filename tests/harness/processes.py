@@ -213,7 +213,8 @@ class Stack:
                 service(
                     "flower",
                     f"celery -A workers.app flower --address=127.0.0.1 --port={self.flower_port} "
-                    f"--url_prefix={self.flower_prefix} --basic-auth={self.flower_auth}",
+                    f"--url_prefix={self.flower_prefix}",
+                    FLOWER_BASIC_AUTH=self.flower_auth,  # never on its command line
                 )
             )
         for service in self.services:

@@ -12,12 +12,37 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-#: Variables the processes read besides config.settings (gunicorn, Flower, the Procfile).
-PROCESS_VARIABLES = {"API_BIND", "API_PORT", "FLOWER_BASIC_AUTH"}
+#: Variables the processes read besides config.settings (gunicorn, Flower, the Procfile,
+#: the migrations).
+PROCESS_VARIABLES = {"API_BIND", "API_PORT", "FLOWER_BASIC_AUTH", "DB_APP_ROLE"}
+#: The compose file's secrets, each from the environment.
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "OWNER_DB_PASSWORD",
+    "APP_DB_PASSWORD",
+    "REDIS_PASSWORD",
+    "CACHE_PASSWORD",
+    "FLOWER_BASIC_AUTH",
+)
+#: Every service that runs the system's code, the migration excepted.
+APP_SERVICES = (
+    "web",
+    "worker-saga",
+    "worker-default",
+    "worker-batch",
+    "events",
+    "beat",
+    "flower",
+)
 
 
 def compose() -> dict[str, Any]:
     return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+
+
+def command_line(service: dict[str, Any]) -> str:
+    command = service.get("command", "")
+    return command if isinstance(command, str) else " ".join(command)
 
 
 def settings_variables() -> set[str]:
@@ -57,8 +82,8 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
     for store in ("postgres", "redis", "cache"):
         assert services[store]["healthcheck"]["test"]
     # The broker never evicts; the caches' Redis is bounded and evicts, and is used.
-    assert "noeviction" in services["redis"]["command"]
-    assert "--maxmemory-policy allkeys-lru" in services["cache"]["command"]
+    assert "noeviction" in command_line(services["redis"])
+    assert "--maxmemory-policy allkeys-lru" in command_line(services["cache"])
     assert "@cache:6379/" in services["web"]["environment"]["CACHE_URL"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
@@ -106,7 +131,10 @@ def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower()
     for name in ("worker_saga", "worker_default", "worker_batch", "beat", "flower"):
         assert "celery -A workers.app" in lines[name]
     assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in lines["flower"]
-    assert "--basic-auth" in lines["flower"]
+    # Flower reads its password from FLOWER_BASIC_AUTH, required, never from argv.
+    assert "${FLOWER_BASIC_AUTH:?" in lines["flower"]
+    assert "--basic-auth" not in lines["flower"]
+    assert "exec celery" in lines["flower"].split("&&")[-1]
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
@@ -115,3 +143,44 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_compose_puts_no_secret_on_a_command_line() -> None:
+    """A command line is anyone's to read (``ps``, ``docker inspect``): every secret
+    reaches its process through the environment."""
+    interpolated = re.compile(r"(?<!\$)\$\{?(" + "|".join(SECRETS) + r")\b")
+    for name, service in compose()["services"].items():
+        line = command_line(service)
+        assert not interpolated.search(line), (name, line)
+        for flag in ("--requirepass", "--basic-auth", "--password"):
+            assert flag not in line, (name, flag)
+        healthcheck = " ".join(service.get("healthcheck", {}).get("test", []))
+        assert not interpolated.search(healthcheck), name
+    assert "API_KEYS" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_compose_connects_the_system_as_the_application_role_and_migrates_as_the_owner() -> None:
+    services = compose()["services"]
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["DATABASE_URL"].startswith(
+            "postgresql+psycopg2://orders_app:${APP_DB_PASSWORD:?"
+        ), name
+        assert not any("OWNER_DB_PASSWORD" in str(v) for v in environment.values()), name
+        assert not any("POSTGRES_PASSWORD" in str(v) for v in environment.values()), name
+    migrate = services["migrate"]["environment"]
+    assert migrate["DATABASE_URL"].startswith("postgresql+psycopg2://orders:${OWNER_DB_PASSWORD:?")
+    assert migrate["DB_APP_ROLE"] == "orders_app"
+    # The superuser is not the owner; the roles are made on the first start.
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_USER"] != "orders"
+    assert "--auth=scram-sha-256" in postgres["environment"]["POSTGRES_INITDB_ARGS"]
+    assert "./config/postgres:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
+    init = "".join(p.read_text() for p in sorted((ROOT / "config" / "postgres").glob("*.sql")))
+    assert "CREATE ROLE orders_app" in init and "REVOKE CREATE ON SCHEMA public" in init
+    assert ":'app_password'" in init  # from the environment, not the file
+    # Each Redis has a password of its own.
+    assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert services["cache"]["environment"]["REDISCLI_AUTH"].startswith("${CACHE_PASSWORD:?")
+    assert "${CACHE_PASSWORD:?" in services["web"]["environment"]["CACHE_URL"]
+    assert "${REDIS_PASSWORD:?" in services["web"]["environment"]["REDIS_URL"]
