@@ -10,6 +10,14 @@ the servers.
 Ports: PostgreSQL 5432, Redis 6379 and 6380, the API 8000, Flower 5555, the saga
 worker's metrics 9808, or those named by PG_PORT, REDIS_PORT, CACHE_PORT, API_PORT,
 FLOWER_PORT, SAGA_METRICS_PORT; any free port where that one is taken.
+
+Nothing in ``.run`` is for other users: the directory is ours alone (as root: mode 710,
+group postgres, so the PostgreSQL server can reach its own directories) and every
+file in it is made private (umask 077). The passwords (PostgreSQL's three roles, the
+two Redis servers, Flower) are kept in ``.run/secrets.json``, the demo API keys in
+``.run/keys.json``, the processes' settings in ``.run/env``; none is printed. The
+processes connect to PostgreSQL as ``orders_app`` (rows only); the migrations run as
+``orders``, the schema's owner.
 """
 
 from __future__ import annotations
@@ -22,7 +30,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.services import LocalPostgres, LocalRedis, free_port, port_is_free
+from scripts.services import (
+    LocalPostgres,
+    LocalRedis,
+    PgPasswords,
+    free_port,
+    port_is_free,
+    private_dir,
+    private_file,
+)
 from scripts.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,20 +52,27 @@ def _port(variable: str, default: int) -> int:
     return preferred if port_is_free(preferred) else free_port()
 
 
+#: What .run/secrets.json holds, each made when missing (a file of an older version
+#: lacks some: they are added, and what it held and no longer means is dropped).
+SECRETS = (
+    "redis_password",  # the broker's
+    "cache_password",
+    "flower_password",
+    "pg_admin_password",
+    "pg_owner_password",
+    "pg_app_password",
+)
+
+
 def _secrets() -> dict[str, str]:
-    """Passwords and the API key, made once and kept in .run/secrets.json (mode 600)."""
+    """The passwords, made once and kept in .run/secrets.json (mode 600)."""
     path = RUN_DIR / "secrets.json"
-    if path.exists():
-        return dict(json.loads(path.read_text()))
-    made = {
-        "redis_password": secrets.token_urlsafe(24),
-        "api_key": secrets.token_urlsafe(24),
-        "admin_key": secrets.token_urlsafe(24),
-        "flower_password": secrets.token_urlsafe(12),
-    }
-    path.write_text(json.dumps(made))
+    held = dict(json.loads(path.read_text())) if path.exists() else {}
+    kept = {name: held.get(name) or secrets.token_urlsafe(24) for name in SECRETS}
+    if kept != held:
+        private_file(path, json.dumps(kept, indent=2) + "\n")
     path.chmod(0o600)
-    return made
+    return kept
 
 
 def _interrupted(signum: int, _frame: object) -> None:
@@ -69,9 +92,20 @@ def main() -> int:
 
 
 def _run() -> int:
-    RUN_DIR.mkdir(exist_ok=True)
+    # Whatever this process and its children create is theirs alone: the servers'
+    # data and logs, the broker's append-only file (sagas' payloads), beat's schedule.
+    os.umask(0o077)
+    private_dir(RUN_DIR)
     keys = _secrets()
-    pg = LocalPostgres(RUN_DIR, _port("PG_PORT", 5432))
+    pg = LocalPostgres(
+        RUN_DIR,
+        _port("PG_PORT", 5432),
+        passwords=PgPasswords(
+            admin=keys["pg_admin_password"],
+            owner=keys["pg_owner_password"],
+            app=keys["pg_app_password"],
+        ),
+    )
     redis = LocalRedis(
         RUN_DIR, _port("REDIS_PORT", 6379), password=keys["redis_password"], appendonly=True
     )
@@ -79,7 +113,7 @@ def _run() -> int:
     cache = LocalRedis(
         RUN_DIR,
         _port("CACHE_PORT", 6380),
-        password=keys["redis_password"],
+        password=keys["cache_password"],
         name="cache",
         maxmemory="128mb",
     )
@@ -87,11 +121,9 @@ def _run() -> int:
     flower_port, metrics_port = _port("FLOWER_PORT", 5555), _port("SAGA_METRICS_PORT", 9808)
     env = {
         "APP_ENV": "local",
-        "DATABASE_URL": pg.url(),
+        "DATABASE_URL": pg.url(role="app"),
         "REDIS_URL": redis.url(0),
         "CACHE_URL": cache.url(0),
-        "API_KEYS": keys["api_key"],
-        "ADMIN_API_KEYS": keys.get("admin_key", secrets.token_urlsafe(24)),
         "API_PORT": str(api_port),
         "FLOWER_PORT": str(flower_port),
         "SAGA_METRICS_PORT": str(metrics_port),
@@ -99,31 +131,41 @@ def _run() -> int:
         "RUN_DIR": str(RUN_DIR),
     }
     env_file = RUN_DIR / "env"
-    env_file.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
-    env_file.chmod(0o600)
+    private_file(env_file, "".join(f"{name}={value}\n" for name, value in env.items()))
     process_env = {**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    # Only the migrations connect as the schema's owner.
+    migrate_env = {**process_env, "DATABASE_URL": pg.url(role="owner")}
+    keys_file = RUN_DIR / "keys.json"
     try:
         pg.start()  # inside: a signal while it starts still stops it
         redis.start()
         cache.start()
         pg.create_database("orders")
         subprocess.run(
-            [str(BIN / "alembic"), "upgrade", "head"], cwd=ROOT, env=process_env, check=True
+            [str(BIN / "alembic"), "upgrade", "head"], cwd=ROOT, env=migrate_env, check=True
         )
         subprocess.run(
             [str(BIN / "python"), "-m", "orders.demo"], cwd=ROOT, env=process_env, check=True
         )
+        subprocess.run(
+            [str(BIN / "python"), "-m", "orders.keys", "demo", "--out", str(keys_file)],
+            cwd=ROOT,
+            env=process_env,
+            check=True,
+        )
+        secrets_file = RUN_DIR / "secrets.json"
         print(
             f"""
-  API       http://127.0.0.1:{api_port}   (Authorization: Bearer {keys["api_key"]})
-  Admin     /admin/dead-letters, /admin/batches/credit-check   (Bearer {env["ADMIN_API_KEYS"]})
+  API       http://127.0.0.1:{api_port}   (API keys: {keys_file})
+  Admin     /admin/dead-letters, /admin/batches/credit-check   (the "operator" key)
   OpenAPI   http://127.0.0.1:{api_port}/openapi.json
-  Flower    http://127.0.0.1:{flower_port}   (admin / {keys["flower_password"]})
-  Postgres  {pg.url()}
+  Flower    http://127.0.0.1:{flower_port}   (user admin; password in {secrets_file})
+  Postgres  127.0.0.1:{pg.port}/orders   (roles and passwords in {secrets_file})
   Settings  {env_file}
 
-  Try:  curl -s -X POST http://127.0.0.1:{api_port}/orders \\
-          -H 'Authorization: Bearer {keys["api_key"]}' -H 'Content-Type: application/json' \\
+  Try:  KEY=$(python3 -c 'import json; print(json.load(open("{keys_file}"))["all_customers"])')
+        curl -s -X POST http://127.0.0.1:{api_port}/orders \\
+          -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
           -d '{{"customer_id": "ACME", "lines": [{{"product_id": "SKU-1001", "quantity": 2}}]}}'
 """,
             flush=True,

@@ -5,6 +5,7 @@ stops everything, and then nothing is left behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -255,3 +256,109 @@ def test_compose_restarts_every_long_running_service() -> None:
     restart = {name: service.get("restart") for name, service in services.items()}
     assert restart.pop("migrate") == "no"  # one shot
     assert set(restart.values()) == {"unless-stopped"}, restart
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as another local user (``nobody``), with no password around."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return subprocess.run(
+        [shutil.which("runuser") or "/usr/sbin/runuser", "-u", "nobody", "--", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=30,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another local user needs root (runuser)")
+def test_make_run_keeps_its_database_files_and_secrets_from_other_local_users(
+    supervised: Callable[..., Supervised], run_dir: Path
+) -> None:
+    # A .run/secrets.json of an older version: its Redis password is kept, the
+    # passwords it lacks are made, its API keys (now in the database) are dropped.
+    (run_dir / "secrets.json").write_text(
+        '{"redis_password": "older-redis-password", "api_key": "older-api-key",'
+        ' "admin_key": "older-admin-key", "flower_password": "older-flower"}'
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_URL")}
+    ports = {name: str(free_port()) for name in PORTS}
+    supervisor = supervised(
+        [sys.executable, "-m", "scripts.run"],
+        **{**clean, "RUN_DIR": str(run_dir), "LOG_LEVEL": "WARNING"},
+        **ports,
+    )
+    procfile = {"web", "worker_saga", "worker_default", "worker_batch", "events", "beat", "flower"}
+    supervisor.wait_for_programs(procfile, timeout=120)
+    env = dict(
+        line.split("=", 1) for line in (run_dir / "env").read_text().splitlines() if "=" in line
+    )
+    wait_for("the API", lambda: answers(f"http://127.0.0.1:{env['API_PORT']}/healthz"), timeout=60)
+    held = json.loads((run_dir / "secrets.json").read_text())
+    assert held["redis_password"] == "older-redis-password"
+    assert "api_key" not in held and "admin_key" not in held
+    assert held["cache_password"] != held["redis_password"]  # a password per Redis
+    keys = json.loads((run_dir / "keys.json").read_text())
+    every_secret = [
+        *held.values(),
+        keys["all_customers"],
+        keys["operator"],
+        *keys["customers"].values(),
+    ]
+
+    # The processes are the application's role; the owner's password is not theirs.
+    assert env["DATABASE_URL"].startswith("postgresql+psycopg2://orders_app:")
+    assert held["pg_owner_password"] not in (run_dir / "env").read_text()
+    assert "API_KEYS" not in env and "ADMIN_API_KEYS" not in env
+    # The demo keys are in the database: the operator's opens the operators' endpoints.
+    api = f"http://127.0.0.1:{env['API_PORT']}"
+    bearer = {"Authorization": f"Bearer {keys['operator']}"}
+    assert httpx.get(f"{api}/admin/dead-letters", headers=bearer, timeout=10).status_code == 200
+    assert httpx.get(f"{api}/admin/dead-letters", timeout=10).status_code == 401
+
+    # No secret on any command line (`ps` shows them to everyone), nor in the log.
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        assert not [s for s in every_secret if s in line], (process.info["pid"], line[:200])
+    flower = psutil.Process(supervisor.pids()["flower"])
+    assert "FLOWER_BASIC_AUTH" in flower.environ()
+    assert not [s for s in every_secret if s in supervisor.log()]
+    assert str(run_dir / "secrets.json") in supervisor.log()  # where they are, instead
+
+    # The directory is ours (and the postgres user's to pass through), nothing in it
+    # anyone else's to read.
+    mode = run_dir.stat().st_mode & 0o777
+    assert mode == 0o710 and run_dir.group() == "postgres", oct(mode)
+    for path in run_dir.rglob("*"):
+        assert not path.lstat().st_mode & 0o007, (path, oct(path.lstat().st_mode))
+        if path.owner() == "root" and not path.is_dir():
+            assert not path.lstat().st_mode & 0o077, (path, oct(path.lstat().st_mode))
+    aof = next((run_dir / "redis").rglob("appendonly*.aof*"))
+    for path in (run_dir, run_dir / "pg-socket"):
+        assert as_nobody("ls", str(path)).returncode != 0, path
+    for path in (
+        run_dir / "secrets.json",
+        run_dir / "keys.json",
+        run_dir / "env",
+        run_dir / "pg.log",
+        run_dir / "redis" / "redis.log",
+        aof,
+        run_dir / "celerybeat-schedule",
+    ):
+        result = as_nobody("cat", str(path))
+        assert result.returncode != 0 and "Permission denied" in result.stderr, path
+
+    # PostgreSQL asks everyone for a password: over TCP and through its socket.
+    pg_port = env["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0]
+    for user in ("orders", "orders_app", "postgres"):
+        for host in ("127.0.0.1", str(run_dir / "pg-socket")):
+            result = as_nobody(
+                "psql", "-h", host, "-p", pg_port, "-U", user, "-d", "orders", "-w",
+                "-c", "COPY (SELECT 1) TO PROGRAM 'id'",
+            )  # fmt: skip
+            assert result.returncode != 0, (user, host, result.stdout)
+            assert "password" in result.stderr or "Permission denied" in result.stderr, (
+                result.stderr
+            )
+
+    assert supervisor.terminate(timeout=90) == 0
