@@ -166,10 +166,17 @@ class Bench:
     """The stack under test and the two loads."""
 
     def __init__(
-        self, base: Path, worker_concurrency: int, events: bool, saga_join: str = "chord"
+        self,
+        base: Path,
+        worker_concurrency: int,
+        events: bool,
+        saga_join: str = "chord",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.base = base
         self.saga_join = saga_join
+        #: More environment for the system's processes (bench.admission sets its bound).
+        self.extra_env = extra_env or {}
         self.postgres = LocalPostgres(base, fsync=True)
         self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=True)
         self.worker_concurrency = worker_concurrency
@@ -219,7 +226,7 @@ class Bench:
                 WorkerSpec("worker-batch", "batch.low", 1, nice=10),
             ],
             # The API sends sagas as SAGA_JOIN says; the bare chord is always a chord.
-            extra_env={"BENCH_TASKS": "1", "SAGA_JOIN": self.saga_join},
+            extra_env={"BENCH_TASKS": "1", "SAGA_JOIN": self.saga_join, **self.extra_env},
             worker_events=self.events,
         )
         self.stack.start()

@@ -164,6 +164,18 @@ class Settings:
     worker_metrics_port: int = 0
     #: ... on this address (loopback unless told otherwise).
     worker_metrics_bind: str = "127.0.0.1"
+    #: Requests one API key (or, without a key, one client address) may make, in the
+    #: syntax of the ``limits`` library ("600/minute", "10/second;600/minute"); "" for
+    #: none. From the environment: RATE_LIMIT; unset, 600/minute in staging and
+    #: production and none otherwise; "" or "0" turns it off.
+    rate_limit: str = ""
+    #: The Redis the rate limit counts in (shared by every API process). From the
+    #: environment: RATE_LIMIT_STORAGE_URL, by default the caches' Redis, else the broker's.
+    rate_limit_storage_url: str | None = None
+    #: POST /orders answers 503 while more messages than this wait in the saga lane
+    #: (docs/performance.md says why 200); 0: never. From the environment:
+    #: ADMISSION_MAX_BACKLOG; unset, 200 except under APP_ENV=test (0).
+    admission_max_backlog: int = 0
 
     def queue(self, lane: names.Lane) -> str:
         """The queue of a lane."""
@@ -225,6 +237,10 @@ class Settings:
             raise ConfigError("SAGA_LANE, DEFAULT_LANE and BATCH_LANE must be distinct queues")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
+        if self.admission_max_backlog < 0:
+            raise ConfigError("ADMISSION_MAX_BACKLOG must be 0 (off) or positive")
+        if self.rate_limit:
+            _check_rate_limit(self.rate_limit)
         if self.env == "production":
             if self.step_delay_seconds:
                 raise ConfigError("SAGA_STEP_DELAY_SECONDS is a test setting; not in production")
@@ -248,6 +264,32 @@ def _backend_url_from(broker_url: str) -> str:
     if sep and db.isdigit() and "://" in base:
         return f"{base}/{int(db) + 1}"
     return broker_url
+
+
+#: The rate limit of each key where RATE_LIMIT is unset, by environment (none elsewhere).
+DEFAULT_RATE_LIMITS: Mapping[str, str] = {"staging": "600/minute", "production": "600/minute"}
+#: The saga lane's backlog bound where ADMISSION_MAX_BACKLOG is unset (tests set their own).
+DEFAULT_ADMISSION_MAX_BACKLOG = 200
+
+
+def _check_rate_limit(given: str) -> None:
+    from limits import parse_many  # the rate limiter's own grammar
+
+    try:
+        parsed = parse_many(given)
+    except ValueError as exc:
+        raise ConfigError(f"RATE_LIMIT={given!r} is not a rate such as 600/minute") from exc
+    if not parsed or any(item.amount < 1 for item in parsed):
+        raise ConfigError(f"RATE_LIMIT={given!r} must allow at least one request")
+
+
+def _rate_limit(environ: Mapping[str, str], app_env: str) -> str:
+    """RATE_LIMIT, or the environment's default when unset; "" or "0": no limit."""
+    given = environ.get("RATE_LIMIT")
+    if given is None:
+        return DEFAULT_RATE_LIMITS.get(app_env, "")
+    given = given.strip()
+    return "" if given in ("", "0") else given
 
 
 #: The ways a saga's steps can be joined (Settings.saga_join).
@@ -367,4 +409,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         events_metrics_port=_number(env, "EVENTS_METRICS_PORT", int, d.events_metrics_port),
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),
         worker_metrics_bind=env.get("WORKER_METRICS_BIND", d.worker_metrics_bind),
+        rate_limit=_rate_limit(env, app_env),
+        rate_limit_storage_url=env.get("RATE_LIMIT_STORAGE_URL")
+        or _cache_url(env.get("CACHE_URL"), broker_url)
+        or broker_url,
+        admission_max_backlog=_number(
+            env,
+            "ADMISSION_MAX_BACKLOG",
+            int,
+            0 if app_env == "test" else DEFAULT_ADMISSION_MAX_BACKLOG,
+        ),
     )

@@ -9,7 +9,9 @@ from sqlalchemy import Engine, text
 from config.logs import clear_log_context
 from config.settings import Settings, load_settings
 from orders.api.admin import admin_blueprint
+from orders.api.admission import install_admission
 from orders.api.health import health_blueprint
+from orders.api.limits import install_rate_limit
 from orders.api.metrics import instrument
 from orders.api.openapi import openapi_document
 from orders.api.problems import register_error_handlers

@@ -67,3 +67,43 @@ def test_the_caches_live_two_databases_past_the_broker_unless_told() -> None:
     given = load_settings({"CACHE_URL": "redis://cache:6379/5"})
     assert given.cache_url == "redis://cache:6379/5"
     assert load_settings({"CACHE_URL": "off"}).cache_url is None
+
+
+def test_rate_limit_is_on_in_production_and_staging_and_off_elsewhere_unless_told() -> None:
+    assert load_settings({"APP_ENV": "production"}).rate_limit == "600/minute"
+    assert load_settings({"APP_ENV": "staging"}).rate_limit == "600/minute"
+    assert load_settings({}).rate_limit == ""
+    assert load_settings({"RATE_LIMIT": "5/second;100/minute"}).rate_limit == "5/second;100/minute"
+    assert load_settings({"APP_ENV": "production", "RATE_LIMIT": ""}).rate_limit == ""
+    assert load_settings({"APP_ENV": "production", "RATE_LIMIT": "0"}).rate_limit == ""
+
+
+def test_rate_limit_counts_in_the_caches_redis_unless_told() -> None:
+    assert load_settings({}).rate_limit_storage_url == "redis://127.0.0.1:6379/2"
+    off = load_settings({"REDIS_URL": "redis://h:6379/0", "CACHE_URL": "off"})
+    assert off.rate_limit_storage_url == "redis://h:6379/0"
+    told = load_settings({"RATE_LIMIT_STORAGE_URL": "redis://limits:6379/3"})
+    assert told.rate_limit_storage_url == "redis://limits:6379/3"
+
+
+def test_admission_control_is_on_except_under_tests_unless_told() -> None:
+    assert load_settings({}).admission_max_backlog == 200
+    assert load_settings({"APP_ENV": "test"}).admission_max_backlog == 0
+    assert (
+        load_settings({"APP_ENV": "test", "ADMISSION_MAX_BACKLOG": "6"}).admission_max_backlog == 6
+    )
+    assert load_settings({"ADMISSION_MAX_BACKLOG": "0"}).admission_max_backlog == 0
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT": "0/minute"}, "RATE_LIMIT"),
+        ({"ADMISSION_MAX_BACKLOG": "-1"}, "ADMISSION_MAX_BACKLOG"),
+        ({"ADMISSION_MAX_BACKLOG": "some"}, "ADMISSION_MAX_BACKLOG"),
+    ],
+)
+def test_refuses_malformed_limits(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ)

@@ -1,0 +1,223 @@
+"""Rate limits per key and admission control, through gunicorn (2 processes), Redis and
+a Celery worker.
+
+Each stack here runs on Redis servers of its own, so its limits, its stopped lane and
+its stopped limiter Redis never touch the session's stack."""
+
+from __future__ import annotations
+
+import http.client
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from uuid import uuid4
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import Engine, func, select
+
+from config.settings import Settings
+from orders.tables import orders
+from scripts.services import LocalRedis
+from tests.conftest import API_KEY, Servers
+from tests.harness.processes import Stack
+from tests.helpers import add_customer, add_product, wait_for
+
+pytestmark = pytest.mark.e2e
+
+#: Requests per key and minute on the rate-limited stack.
+LIMIT = 12
+#: Messages the saga lane may hold before orders are refused.
+MAX_BACKLOG = 6
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@dataclass
+class Limited:
+    """A stack whose rate limit counts in a Redis the test may stop."""
+
+    stack: Stack
+    limiter_redis: LocalRedis
+
+
+def _redis(servers: Servers, name: str) -> LocalRedis:
+    redis = LocalRedis(servers.base / "e2e-limits", password=secrets.token_hex(12), name=name)
+    redis.start()
+    return redis
+
+
+@pytest.fixture(scope="module")
+def limited(settings: Settings, servers: Servers) -> Iterator[Limited]:
+    broker, limiter = _redis(servers, "broker-limited"), _redis(servers, "limiter")
+    own = replace(settings, broker_url=broker.url(0), result_backend_url=broker.url(1))
+    stack = Stack(
+        own,
+        servers.base / "e2e-limited",
+        extra_env={"RATE_LIMIT": f"{LIMIT}/minute", "RATE_LIMIT_STORAGE_URL": limiter.url(0)},
+    )
+    try:
+        stack.start()
+        yield Limited(stack, limiter)
+    finally:
+        stack.stop()
+        limiter.stop()
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def admitting(settings: Settings, servers: Servers) -> Iterator[Stack]:
+    broker = _redis(servers, "broker-admitting")
+    own = replace(settings, broker_url=broker.url(0), result_backend_url=broker.url(1))
+    stack = Stack(
+        own,
+        servers.base / "e2e-admitting",
+        extra_env={"ADMISSION_MAX_BACKLOG": str(MAX_BACKLOG), "RATE_LIMIT": ""},
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        broker.stop()
+
+
+def _serving_pid(stack: Stack, client_port: int) -> int | None:
+    """Which gunicorn worker holds the connection from ``client_port``."""
+    for pid in stack.service("web").children():
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.raddr and c.raddr.port == client_port for c in connections):
+            return pid
+    return None
+
+
+def _get_on_a_new_connection(
+    stack: Stack, path: str
+) -> tuple[http.client.HTTPResponse, bytes, int | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.api_port, timeout=10)
+    try:
+        conn.request("GET", path, headers=AUTH)
+        response = conn.getresponse()
+        body = response.read()
+        assert conn.sock is not None
+        pid = _serving_pid(stack, conn.sock.getsockname()[1])  # still open: keep-alive
+        return response, body, pid
+    finally:
+        conn.close()
+
+
+def _metric(stack: Stack, name: str) -> float:
+    text = httpx.get(f"{stack.api_url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_key_over_its_limit_gets_429_with_the_rate_limit_headers_across_every_process(
+    limited: Limited,
+) -> None:
+    stack = limited.stack
+    answers = [
+        _get_on_a_new_connection(stack, f"/orders/{uuid4()}/status") for _ in range(LIMIT + 8)
+    ]
+
+    served = [(r, body) for r, body, _ in answers if r.status != 429]
+    refused = [(r, body) for r, body, _ in answers if r.status == 429]
+    assert len(served) == LIMIT  # one count for both gunicorn processes
+    assert {r.status for r, _ in served} == {404}
+    assert {pid for _, _, pid in answers if pid is not None} == set(
+        stack.service("web").children()
+    ), "both gunicorn workers should have answered"
+    assert len(refused) == 8
+    response, body = refused[0]
+    assert response.getheader("Content-Type") == "application/problem+json"
+    assert b'"status": 429' in body or b'"status":429' in body
+    assert int(response.getheader("Retry-After") or "0") >= 1
+    assert response.getheader("RateLimit-Limit") == str(LIMIT)
+    assert response.getheader("RateLimit-Remaining") == "0"
+    assert 0 <= int(response.getheader("RateLimit-Reset") or "-1") <= 60
+    first, _ = served[0]
+    assert first.getheader("RateLimit-Limit") == str(LIMIT)
+    assert int(first.getheader("RateLimit-Remaining") or "-1") == LIMIT - 1
+
+    # Probes and scrapes are never limited.
+    for path in ("/healthz", "/metrics", "/openapi.json"):
+        assert httpx.get(f"{stack.api_url}{path}", headers=AUTH, timeout=10).status_code == 200
+    assert _metric(stack, "orders_api_rate_limited_total") == 8
+
+
+def test_guessing_keys_is_limited_by_address(limited: Limited) -> None:
+    def guess() -> int:
+        made_up = {"Authorization": f"Bearer osk_{secrets.token_hex(24)}"}
+        url = f"{limited.stack.api_url}/orders/{uuid4()}/status"
+        return httpx.get(url, headers=made_up, timeout=10).status_code
+
+    answers = [guess() for _ in range(LIMIT + 3)]
+    assert answers == [401] * LIMIT + [429] * 3  # each token new, the address the same
+
+
+def test_requests_pass_unlimited_while_the_limiters_redis_is_down(limited: Limited) -> None:
+    stack = limited.stack
+    limited.limiter_redis.stop()  # its counts go with it (it keeps nothing on disk)
+    try:
+        answers = [
+            _get_on_a_new_connection(stack, f"/orders/{uuid4()}/status")[0].status
+            for _ in range(LIMIT + 4)
+        ]
+        assert answers == [404] * (LIMIT + 4)  # fail open: no 429, no 500
+        assert _metric(stack, "orders_api_rate_limit_unavailable_total") >= LIMIT + 4
+        assert "requests pass unlimited" in stack.service("web").log()
+    finally:
+        limited.limiter_redis.start()
+
+
+def _order_count(engine: Engine, customer: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(orders).where(orders.c.customer_id == customer)
+            ).scalar_one()
+        )
+
+
+def test_orders_are_refused_while_the_saga_lane_is_backed_up_and_admitted_once_it_drains(
+    admitting: Stack, engine: Engine
+) -> None:
+    customer = add_customer(engine, limit="100000.00")
+    product = add_product(engine, on_hand=1000)
+    api = admitting.client()
+    worker = admitting.service("worker")
+    worker.stop()  # no one consumes the saga lane: each order leaves two step messages
+
+    accepted: list[str] = []
+
+    def refused() -> httpx.Response | None:
+        response = api.place(customer, [(product, 1)])
+        if response.status_code == 202:
+            accepted.append(response.json()["order_id"])
+            return None
+        return response
+
+    refusal = wait_for("an order refused for the backlog", refused, timeout=30)
+    assert refusal.status_code == 503
+    assert refusal.headers["Content-Type"] == "application/problem+json"
+    assert int(refusal.headers["Retry-After"]) >= 1
+    assert refusal.json()["status"] == 503
+    # Admitted while the backlog was at most the bound (two messages an order), or its
+    # reading (kept 0.2 s by each API process) a moment old.
+    assert len(accepted) > MAX_BACKLOG // 2
+    assert _order_count(engine, customer) == len(accepted)  # the refused wrote nothing
+    assert api.place(customer, [(product, 1)]).status_code == 503
+    assert _order_count(engine, customer) == len(accepted)
+    assert _metric(admitting, "orders_api_admission_refused_total") >= 2
+
+    worker.start()  # the lane drains
+    for order_id in accepted:
+        assert api.wait_until_final(order_id, timeout=60)["status"] == "CONFIRMED"
+    late = wait_for(
+        "an order admitted again",
+        lambda: (r := api.place(customer, [(product, 1)])).status_code == 202 and r,
+        timeout=30,
+    )
+    assert api.wait_until_final(late.json()["order_id"])["status"] == "CONFIRMED"
