@@ -12,7 +12,17 @@ import tempfile
 #: Loopback unless told otherwise (API_BIND=0.0.0.0 in a container).
 bind = f"{os.environ.get('API_BIND', '127.0.0.1')}:{os.environ.get('API_PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
+#: gevent (default): each connection is a greenlet, so clients sending their headers or
+#: body slowly cannot take every thread and stall the API (docs/performance.md); gthread
+#: is the fallback. Both answer gunicorn's own errors as problem+json.
+_WORKER_CLASSES = {
+    "gevent": "config.gunicorn_worker.GeventWorker",
+    "gthread": "config.gunicorn_worker.ThreadWorker",
+}
+worker_class = _WORKER_CLASSES[os.environ.get("WEB_WORKER", "gevent")]
+#: Connections one gevent worker serves at once (a slow one costs a greenlet).
+worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
+#: Threads of a gthread worker.
 threads = int(os.environ.get("WEB_THREADS", "4"))
 #: A request that runs past this is killed; the client sees a dropped connection.
 timeout = 30
