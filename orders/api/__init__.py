@@ -73,7 +73,7 @@ def create_app(
         app.register_blueprint(timeline_blueprint(settings, engine, timeline, reader))
     if operations is not None:
         app.register_blueprint(admin_blueprint(settings, engine, operations))
-    spec = json.dumps(openapi_document())
+    spec = json.dumps(openapi_document(settings))
 
     @app.get("/openapi.json")
     def openapi() -> Response:

@@ -8,13 +8,14 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from flask import Blueprint, Response, request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import Engine
 from werkzeug.exceptions import BadRequest, NotFound
 
 from config.settings import Settings
 from orders.api.auth import require_key
 from orders.api.bodies import read_json
+from orders.api.schemas import whole_number
 from orders.ports import Operations
 
 #: Ids are PostgreSQL BIGINTs.
@@ -29,7 +30,8 @@ class LetterIds(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     ids: Annotated[
-        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=1000)
+        list[Annotated[int, Field(ge=1, le=MAX_ID), BeforeValidator(whole_number)]],
+        Field(min_length=1, max_length=1000),
     ]
 
 

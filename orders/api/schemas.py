@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 #: Customer and product ids: letters, digits and ``. _ : -``, up to 64 characters.
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
@@ -15,13 +15,31 @@ Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 MoneyText = Annotated[str, Field(pattern=r"^-?\d+\.\d{2}$", examples=["12.50"])]
 
 
+#: Past this magnitude a float cannot hold every whole number (2**53 + 1 reads as 2**53):
+#: a larger one written with a fraction or an exponent is refused rather than guessed.
+EXACT_FLOAT_LIMIT = 2**53
+
+
+def whole_number(value: Any) -> Any:
+    """A JSON number without a fraction (``2.0``) as the integer it is: JSON has a single
+    number type, and JSON Schema's ``integer`` takes ``2.0`` too. Anything else is left
+    to the strict check (``true``, ``"2"`` and ``2.5`` stay refused)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= EXACT_FLOAT_LIMIT:
+        return int(value)
+    return value
+
+
+#: A whole number of at least one, written ``2`` or ``2.0``.
+Count = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]
+
+
 class LineIn(BaseModel):
     """One line of an order: a product and a whole, positive quantity."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     product_id: Ref
-    quantity: Annotated[int, Field(ge=1)]
+    quantity: Count
 
 
 class OrderIn(BaseModel):
@@ -128,3 +146,125 @@ class CreditOut(BaseModel):
     used: MoneyText
     reserved: MoneyText
     available: MoneyText
+
+
+class TimelineStepOut(BaseModel):
+    """One saga step as it ran."""
+
+    step: str
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: float
+    #: APPLIED, REFUSED, ABORTED or COMPENSATED.
+    outcome: str
+    reason: str | None
+    attempts: int
+
+
+class TimelineOut(BaseModel):
+    """An order's saga on a time axis: accepted, each step, decided."""
+
+    order_id: UUID
+    saga_id: UUID
+    state: str
+    reason: str | None
+    accepted_at: datetime
+    finished_at: datetime | None
+    steps: list[TimelineStepOut]
+
+
+class HealthOut(BaseModel):
+    """The process runs."""
+
+    status: str
+
+
+class ReadyOut(BaseModel):
+    """Every dependency answered."""
+
+    status: str
+    checks: list[str]
+
+
+class DeadLetterOut(BaseModel):
+    """A dead letter as listed: everything but its traceback and raw message."""
+
+    id: int
+    task_id: str
+    task_name: str
+    #: exhausted, failed, poison, compensation_failed, undecodable, unknown_task...
+    kind: str
+    #: The task's arguments as they were sent (any JSON).
+    args: Any
+    kwargs: Any
+    queue: str | None
+    error: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    state: Literal["OPEN", "REPLAYED", "PURGED"]
+    replayed_task_id: str | None
+
+
+class DeadLetterDetailOut(DeadLetterOut):
+    """A dead letter in full."""
+
+    traceback: str | None
+    #: The message's bytes as text, for a message no task ever ran.
+    raw: str | None
+
+
+class DeadLettersOut(BaseModel):
+    """Dead letters matching a filter, most recent failure first."""
+
+    dead_letters: list[DeadLetterOut]
+
+
+class ReplayedOut(BaseModel):
+    """Each replayed letter's id and the id of what now runs it (a task id,
+    ``saga:<id>`` or ``sweep:<id>``)."""
+
+    replayed: dict[str, str]
+
+
+class PurgedOut(BaseModel):
+    """How many of the letters were open and are now purged."""
+
+    purged: int
+
+
+class RunLinks(BaseModel):
+    """Where to follow a batch run."""
+
+    self: str
+
+
+class RunStartedOut(BaseModel):
+    """A batch run was started (202); Location: its progress."""
+
+    run_id: UUID
+    links: RunLinks
+
+
+class BatchRunOut(BaseModel):
+    """A batch run's progress."""
+
+    id: UUID
+    job: str
+    window_key: str
+    state: str
+    total: int
+    processed: int
+    failed: int
+    flagged: int
+    chunks: int
+    chunks_done: int
+    chunks_failed: int
+    started_at: datetime
+    finished_at: datetime | None
+    #: How often the batch sweep resumed the run.
+    resumes: int
+    #: Why the sweep gave up on the run (state FAILED).
+    reason: str | None
+    #: Percent of customers reviewed or given up on.
+    progress: float
