@@ -1,0 +1,200 @@
+"""The API keeps the contract of its own ``/openapi.json``: schemathesis reads the document
+the real server (gunicorn, a saga worker, PostgreSQL, Redis) serves, and for every
+operation sends requests valid by it and requests that break it, then checks every
+answer: no server error, a status and content type the document lists, a body and
+headers that match its schema, valid data accepted (2xx, or 404/409 where the document
+says why) and invalid data refused (4xx).
+
+Requests carry real keys (the operator's on the operators' endpoints) and, when valid by
+the document, real ids: path parameters name orders, customers, dead letters and batch
+runs that exist, an order names a customer and distinct products that exist. Bounded:
+MAX_EXAMPLES examples per operation and generation mode."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import schemathesis
+from schemathesis import Case
+from sqlalchemy import Engine, select
+
+from config.settings import Settings
+from orders.api.openapi import openapi_document
+from tests.conftest import ADMIN_KEY, API_KEY
+from tests.harness.processes import Stack
+from tests.helpers import add_customer, add_product
+from workers import dlq
+from workers.tables import dead_letters
+
+pytestmark = pytest.mark.e2e
+
+#: Examples per operation (and generation mode): enough to reach every bound, little time.
+MAX_EXAMPLES = 25
+#: What a request valid by the document may be answered: done, or a real refusal the
+#: document names (an id that names nothing: 404; a letter no longer open: 409). Never a
+#: 400/422 (the document promised valid data is taken), nor 401/403 (the keys are real).
+ACCEPTED = ["2xx", "404", "409"]
+#: Operations anyone may call with anything (no key, no parameters to break).
+OPEN = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json"}
+#: Dead letters the operators' endpoints may replay and purge.
+LETTERS = 40
+
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "generation": {
+            "mode": "all",
+            "max-examples": MAX_EXAMPLES,
+            "database": "none",
+        },
+        # The keys, as the document's security schemes name them.
+        "auth": {"openapi": {"bearer": {"bearer": API_KEY}, "operator": {"bearer": ADMIN_KEY}}},
+        "checks": {
+            "positive_data_acceptance": {"expected-statuses": ACCEPTED},
+        },
+    }
+)
+
+
+@dataclass
+class World:
+    """What exists on the server, to make valid requests name real things."""
+
+    customers: list[str]
+    products: list[str]
+    orders: list[str]
+    cursors: list[str]
+    letters: list[int]
+    runs: list[str]
+    _turn: Iterator[int] = field(default_factory=itertools.count)
+    #: The statuses each operation answered, by generation mode.
+    answers: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+
+    def pick(self, choices: list[Any]) -> Any:
+        """The next of ``choices``, in turn."""
+        return choices[next(self._turn) % len(choices)]
+
+    def realise(self, case: Case) -> None:
+        """Make a case valid by the document also name things that exist."""
+        for name, value in (case.path_parameters or {}).items():
+            real = {
+                "order_id": self.orders,
+                "customer_id": self.customers,
+                "letter_id": self.letters,
+                "run_id": self.runs,
+            }[name]
+            # One in four keeps its drawn id: it names nothing, and must be answered 404.
+            if next(self._turn) % 4:
+                case.path_parameters[name] = self.pick(real)
+            else:
+                case.path_parameters[name] = value
+        if case.query and "after" in case.query:
+            case.query["after"] = self.pick(self.cursors)
+        if case.operation.path == "/orders/status" and case.query:
+            drawn = case.query["ids"].split(",")
+            case.query["ids"] = ",".join([self.pick(self.orders), *drawn[1:]])
+        if case.operation.path == "/orders" and isinstance(case.body, dict):
+            case.body["customer_id"] = self.pick(self.customers)
+            start = next(self._turn)
+            for n, line in enumerate(case.body["lines"]):
+                line["product_id"] = self.products[(start + n) % len(self.products)]
+            if case.headers and "Idempotency-Key" in case.headers:
+                # A drawn key may repeat with another body (refused 422, as documented):
+                # keep its characters, make it this order's own.
+                drawn = case.headers["Idempotency-Key"]
+                case.headers["Idempotency-Key"] = f"{drawn[:200]}-{uuid.uuid4().hex}"
+        if (
+            case.operation.path in ("/admin/dead-letters/replay", "/admin/dead-letters/purge")
+            and isinstance(case.body, dict)
+            and case.body.get("ids")
+        ):
+            case.body["ids"][0] = self.pick(self.letters)
+
+
+def _letters(engine: Engine) -> list[int]:
+    task = f"tests.conformance.{uuid.uuid4().hex[:8]}"
+    for n in range(LETTERS):
+        dlq.record(
+            engine,
+            task_id=f"conformance-{uuid.uuid4()}",
+            task_name=task,
+            kind=dlq.EXHAUSTED,
+            error=f"conformance letter {n}",
+            args=[n],
+            kwargs={},
+            queue="default",
+            traceback="Traceback (most recent call last): ...",
+        )
+    with engine.connect() as conn:
+        rows = conn.execute(select(dead_letters.c.id).where(dead_letters.c.task_name == task))
+        return [row.id for row in rows]
+
+
+@pytest.fixture(scope="module")
+def world(stack: Stack, settings: Settings, engine: Engine) -> World:
+    customers = [add_customer(engine, limit="1000000000.00") for _ in range(3)]
+    products = [add_product(engine, on_hand=10**9) for _ in range(settings.max_order_lines)]
+    client = stack.client()
+    orders = []
+    for n, customer in enumerate(customers * 2):
+        placed = client.place(customer, [(products[n], 1 + n)])
+        assert placed.status_code == 202, placed.text
+        orders.append(placed.json()["order_id"])
+    client.wait_until_final(orders[-1])  # one order with a whole timeline
+    cursors = []
+    for customer in customers:
+        page = client.http.get(f"/customers/{customer}/orders", params={"limit": 1}).json()
+        cursors += parse_qs(urlsplit(page["next"]).query)["after"]
+    operator = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    started = httpx.post(f"{stack.api_url}/admin/batches/credit-check", headers=operator)
+    assert started.status_code == 202, started.text
+    return World(customers, products, orders, cursors, _letters(engine), [started.json()["run_id"]])
+
+
+#: The document the tests are drawn from: the one the server builds (the run checks that
+#: it serves this very document first).
+DOCUMENT = openapi_document(Settings(env="test"))
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
+
+
+def test_the_server_serves_the_document_the_run_is_drawn_from(stack: Stack) -> None:
+    served = httpx.get(f"{stack.api_url}/openapi.json")
+    assert served.status_code == 200
+    assert served.headers["Content-Type"] == "application/json"
+    assert served.json() == json.loads(json.dumps(DOCUMENT))
+
+
+@schema.parametrize()
+def test_the_api_keeps_the_contract_of_its_openapi_document(
+    case: Case, stack: Stack, world: World
+) -> None:
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive:
+        world.realise(case)
+    response = case.call_and_validate(base_url=stack.api_url, timeout=10)
+    world.answers[
+        case.operation.label, "valid" if positive else "invalid", response.status_code
+    ] += 1
+
+
+def test_every_operation_was_answered_with_success_and_with_refusal(world: World) -> None:
+    """The run above reached every operation's success (real ids, real keys) and its
+    refusals: not a run of 401s or 404s."""
+    print()
+    for (operation, kind, status), count in sorted(world.answers.items()):
+        print(f"{operation:45} {kind:8} {status} x{count}")
+    operations = {operation for operation, _, _ in world.answers}
+    assert len(operations) == len(list(schema.get_all_operations()))
+    for operation in operations:
+        statuses = {status for (op, _, status) in world.answers if op == operation}
+        assert any(200 <= status < 300 for status in statuses), (operation, statuses)
+        if operation not in OPEN:
+            assert statuses & {400, 401, 404, 415, 422}, (operation, statuses)
