@@ -1,6 +1,8 @@
-"""The API keeps the contract of its own ``/openapi.json``: schemathesis reads the document
-the real server (gunicorn, a saga worker, PostgreSQL, Redis) serves, and for every
-operation sends requests valid by it and requests that break it, then checks every
+"""The API keeps the contract of its own ``/openapi.json``: schemathesis takes the document
+the real server (gunicorn, a saga worker, PostgreSQL, Redis) serves (built here by the
+same code, and checked equal to the served one first: schemathesis's loader from a
+pytest fixture does not run under pytest 9), and for every operation sends the server
+requests valid by it and requests that break it, then checks every
 answer: no server error, a status and content type the document lists, a body and
 headers that match its schema, valid data accepted (2xx, or 404/409 where the document
 says why) and invalid data refused (4xx).
