@@ -33,6 +33,9 @@ max_requests_jitter = 2000
 #: No --preload: each worker builds its own app, engine and broker connections.
 preload_app = False
 errorlog = "-"
+#: No control socket: by default every gunicorn of a user shares one path
+#: (~/.gunicorn/gunicorn.ctl), so one instance's would answer for another's.
+control_socket_disable = True
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 
