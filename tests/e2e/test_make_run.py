@@ -315,6 +315,17 @@ def test_make_run_keeps_its_database_files_and_secrets_from_other_local_users(
     bearer = {"Authorization": f"Bearer {keys['operator']}"}
     assert httpx.get(f"{api}/admin/dead-letters", headers=bearer, timeout=10).status_code == 200
     assert httpx.get(f"{api}/admin/dead-letters", timeout=10).status_code == 401
+    # A demo customer's key reads its own credit and nobody else's; the all-customers
+    # key reads every one's.
+    assert set(keys["customers"]) == {"ACME", "GLOBEX", "INITECH"}
+    acme = {"Authorization": f"Bearer {keys['customers']['ACME']}"}
+    every = {"Authorization": f"Bearer {keys['all_customers']}"}
+    for customer in ("ACME", "GLOBEX"):
+        path = f"{api}/customers/{customer}/credit"
+        own = httpx.get(path, headers=acme, timeout=10).status_code
+        assert own == (200 if customer == "ACME" else 404)
+        assert httpx.get(path, headers=every, timeout=10).status_code == 200
+    assert httpx.get(f"{api}/admin/dead-letters", headers=every, timeout=10).status_code == 403
 
     # No secret on any command line (`ps` shows them to everyone), nor in the log.
     for process in psutil.process_iter(["pid", "cmdline"]):
