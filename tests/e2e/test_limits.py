@@ -118,18 +118,19 @@ def test_a_key_over_its_limit_gets_429_with_the_rate_limit_headers_across_every_
     limited: Limited,
 ) -> None:
     stack = limited.stack
-    answers = [
-        _get_on_a_new_connection(stack, f"/orders/{uuid4()}/status") for _ in range(LIMIT + 8)
-    ]
+    workers = set(stack.service("web").children())
+    assert len(workers) == 2
+    answers: list[tuple[http.client.HTTPResponse, bytes, int | None]] = []
+    # Past the limit, until both processes have answered (the kernel picks which).
+    while len(answers) < LIMIT + 8 or not workers <= {pid for _, _, pid in answers}:
+        assert len(answers) < 300, "one gunicorn worker took every connection"
+        answers.append(_get_on_a_new_connection(stack, f"/orders/{uuid4()}/status"))
 
     served = [(r, body) for r, body, _ in answers if r.status != 429]
     refused = [(r, body) for r, body, _ in answers if r.status == 429]
     assert len(served) == LIMIT  # one count for both gunicorn processes
     assert {r.status for r, _ in served} == {404}
-    assert {pid for _, _, pid in answers if pid is not None} == set(
-        stack.service("web").children()
-    ), "both gunicorn workers should have answered"
-    assert len(refused) == 8
+    assert len(refused) == len(answers) - LIMIT
     response, body = refused[0]
     assert response.getheader("Content-Type") == "application/problem+json"
     assert b'"status": 429' in body or b'"status":429' in body
@@ -144,7 +145,7 @@ def test_a_key_over_its_limit_gets_429_with_the_rate_limit_headers_across_every_
     # Probes and scrapes are never limited.
     for path in ("/healthz", "/metrics", "/openapi.json"):
         assert httpx.get(f"{stack.api_url}{path}", headers=AUTH, timeout=10).status_code == 200
-    assert _metric(stack, "orders_api_rate_limited_total") == 8
+    assert _metric(stack, "orders_api_rate_limited_total") == len(refused)
 
 
 def test_guessing_keys_is_limited_by_address(limited: Limited) -> None:
@@ -215,9 +216,10 @@ def test_orders_are_refused_while_the_saga_lane_is_backed_up_and_admitted_once_i
     worker.start()  # the lane drains
     for order_id in accepted:
         assert api.wait_until_final(order_id, timeout=60)["status"] == "CONFIRMED"
-    late = wait_for(
-        "an order admitted again",
-        lambda: (r := api.place(customer, [(product, 1)])).status_code == 202 and r,
-        timeout=30,
-    )
+
+    def admitted() -> httpx.Response | None:
+        response = api.place(customer, [(product, 1)])
+        return response if response.status_code == 202 else None
+
+    late = wait_for("an order admitted again", admitted, timeout=30)
     assert api.wait_until_final(late.json()["order_id"])["status"] == "CONFIRMED"
