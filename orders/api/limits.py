@@ -128,8 +128,12 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         headers_enabled=False,  # written below, with the IETF names and semantics
         swallow_errors=True,
     )
-    if _FAIL_OPEN not in logging.getLogger("flask-limiter").filters:
-        logging.getLogger("flask-limiter").addFilter(_FAIL_OPEN)
+    library_log = logging.getLogger("flask-limiter")
+    # A refusal is counted (orders_api_rate_limited_total), not logged: a flood of them
+    # would flood the log (the library logs each at INFO).
+    library_log.setLevel(logging.WARNING)
+    if _FAIL_OPEN not in library_log.filters:
+        library_log.addFilter(_FAIL_OPEN)
     limiter.request_filter(lambda: request.path in EXEMPT_PATHS)
     limiter.init_app(app)
 
