@@ -198,7 +198,7 @@ class Bench:
             result_backend_url=self.redis.url(1),
             cache_url=self.redis.url(2),
         )
-        register_test_keys(self.settings)
+        register_test_keys(self.settings, self.postgres.url(role="owner"))
         self.engine = make_engine(self.settings, application_name="bench")
         with self.engine.begin() as conn:
             conn.execute(

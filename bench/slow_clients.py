@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             broker_url=redis.url(0),
             result_backend_url=redis.url(1),
         )
-        register_test_keys(settings)
+        register_test_keys(settings, postgres.url(role="owner"))
         seed(settings)
         for worker in args.workers.split(","):
             stack = Stack(settings, base / f"logs-{worker}", extra_env={"WEB_WORKER": worker})

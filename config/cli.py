@@ -32,19 +32,20 @@ class ToolError(Exception):
     """Something a tool needs is missing or unreachable; the message says what to do."""
 
 
-def run_env_file(environ: MutableMapping[str, str] | None = None) -> Path:
-    """Where ``make run`` writes its settings."""
+def run_env_file(environ: MutableMapping[str, str] | None = None, name: str = "env") -> Path:
+    """Where ``make run`` writes its settings (``owner.env``: the database URL of the
+    schema's owner, for the tools that manage what the system may only read)."""
     env = os.environ if environ is None else environ
-    return Path(env.get("RUN_DIR") or ROOT / ".run") / "env"
+    return Path(env.get("RUN_DIR") or ROOT / ".run") / name
 
 
-def load_run_env(environ: MutableMapping[str, str] | None = None) -> list[str]:
+def load_run_env(environ: MutableMapping[str, str] | None = None, name: str = "env") -> list[str]:
     """Set the variables of ``.run/env`` that ``environ`` (``os.environ``) lacks; return
     their names (none when there is no such file, or when ``APP_ENV`` names another
     environment than ``make run``'s: a deployed system's settings are never mixed with a
     local run's)."""
     env = os.environ if environ is None else environ
-    path = run_env_file(env)
+    path = run_env_file(env, name)
     if not path.is_file() or env.get("APP_ENV", "local") != "local":
         return []
     loaded = []
@@ -61,11 +62,11 @@ class ToolSettings:
     """A tool's settings, and where the ones it connects with came from (for messages)."""
 
     @classmethod
-    def checked(cls, *, broker: bool) -> ToolSettings | None:
+    def checked(cls, *, broker: bool, owner: bool = False) -> ToolSettings | None:
         """The settings, PostgreSQL (and the broker, if asked) found answering; None
         once what is missing has been said on standard error."""
         try:
-            tool = cls()
+            tool = cls(owner=owner)
             tool.require_database()
             if broker:
                 tool.require_broker()
@@ -74,10 +75,14 @@ class ToolSettings:
             return None
         return tool
 
-    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
+    def __init__(
+        self, environ: MutableMapping[str, str] | None = None, *, owner: bool = False
+    ) -> None:
         env = os.environ if environ is None else environ
         self.env_file = run_env_file(env)
-        self.from_file = set(load_run_env(env))
+        # The owner's URL first: .run/env then fills in only what is still missing.
+        owned = load_run_env(env, "owner.env") if owner else []
+        self.from_file = set(owned) | set(load_run_env(env))
         self.given = {name for name in env if name not in self.from_file}
         try:
             self.settings: Settings = load_settings(env)

@@ -60,6 +60,10 @@ def grant_rows(connection: Connection, role: str) -> None:
         f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {role}",
     ):
         connection.execute(text(statement))
+    # API keys are made and revoked by the owner (python -m orders.keys); the system
+    # only reads them, so no process of it can mint a key or bring a revoked one back.
+    if connection.execute(text("SELECT to_regclass('api_keys')")).scalar() is not None:
+        connection.execute(text(f"REVOKE INSERT, UPDATE, DELETE ON api_keys FROM {role}"))
 
 
 def run_migrations_offline() -> None:

@@ -36,10 +36,13 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 
 from orders.tables import api_keys, customers
 
 PREFIX = "osk"
+#: The SQLSTATE of a privilege refused.
+INSUFFICIENT_PRIVILEGE = "42501"
 #: A key as presented: ``osk_<id>_<secret>``.
 _KEY = re.compile(r"^osk_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 
@@ -126,6 +129,7 @@ def create(
     name = name.strip()
     if not 0 < len(name) <= 100:
         raise ValueError("a key's name is 1 to 100 characters")
+    _check_scope(role, customer_ids)
     scope = None
     if customer_ids is not None:
         scope = sorted(set(customer_ids))
@@ -157,6 +161,7 @@ def add_known_key(
     key_id = key_id_of(key)
     if key_id is None:
         raise ValueError("not a key of the form osk_<12 lowercase letters or digits>_<secret>")
+    _check_scope(role, customer_ids)
     conn.execute(
         insert(api_keys)
         .values(
@@ -171,9 +176,12 @@ def add_known_key(
     return key_id
 
 
-def make_key() -> str:
-    """A new key (not registered)."""
-    return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+def _check_scope(role: Role, customer_ids: Iterable[str] | None) -> None:
+    if role is Role.OPERATOR and customer_ids is not None:
+        raise ValueError(
+            "an operator's key acts for every customer (the dead letters, batch runs and"
+            " credit checks it reaches span them all)"
+        )
 
 
 def revoke(conn: Connection, key_id: str) -> bool:
@@ -258,12 +266,23 @@ def _main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
 
-    tool = ToolSettings.checked(broker=False)
+    # As the schema's owner: the system's own role may only read keys. Under make run,
+    # .run/owner.env names it; elsewhere DATABASE_URL must.
+    tool = ToolSettings.checked(broker=False, owner=True)
     if tool is None:
         return 1
     engine = make_engine(tool.settings, application_name="orders-keys")
     try:
         return _command(engine, args)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "pgcode", None) != INSUFFICIENT_PRIVILEGE:
+            return tool.report(exc)
+        print(
+            "error: this database role may only read API keys; connect as the schema's"
+            " owner (DATABASE_URL, as for the migrations)",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:  # a server lost meanwhile: say so plainly
         return tool.report(exc)
     finally:

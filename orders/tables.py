@@ -222,4 +222,6 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("revoked_at", DateTime(timezone=True)),
     CheckConstraint("role IN ('client', 'operator')", name="role"),
+    #: An operator's endpoints span every customer: so does an operator's key.
+    CheckConstraint("role = 'client' OR customers IS NULL", name="operator_every_customer"),
 )

@@ -132,6 +132,8 @@ def _run() -> int:
     }
     env_file = RUN_DIR / "env"
     private_file(env_file, "".join(f"{name}={value}\n" for name, value in env.items()))
+    # What `python -m orders.keys` connects with: the owner (the processes only read keys).
+    private_file(RUN_DIR / "owner.env", f"DATABASE_URL={pg.url(role='owner')}\n")
     process_env = {**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     # Only the migrations connect as the schema's owner.
     migrate_env = {**process_env, "DATABASE_URL": pg.url(role="owner")}
@@ -150,7 +152,7 @@ def _run() -> int:
         subprocess.run(
             [str(BIN / "python"), "-m", "orders.keys", "demo", "--out", str(keys_file)],
             cwd=ROOT,
-            env=process_env,
+            env=migrate_env,  # keys are the owner's to make: the system only reads them
             check=True,
         )
         secrets_file = RUN_DIR / "secrets.json"

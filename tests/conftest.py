@@ -78,13 +78,14 @@ def settings(servers: Servers) -> Settings:
         result_backend_url=servers.redis.url(1),
         dispatch_timeout_seconds=0.5,
     )
-    register_test_keys(settings)
+    register_test_keys(settings, servers.postgres.url(role="owner"))
     return settings
 
 
-def register_test_keys(settings: Settings) -> None:
-    """Register API_KEY and ADMIN_KEY in the settings' database (once)."""
-    engine = make_engine(settings, application_name="orders-tests")
+def register_test_keys(settings: Settings, owner_url: str) -> None:
+    """Register API_KEY and ADMIN_KEY in the settings' database (once), as the owner
+    (the system's own role only reads keys)."""
+    engine = make_engine(replace(settings, database_url=owner_url), application_name="orders-tests")
     try:
         with engine.begin() as conn:
             keys.add_known_key(conn, API_KEY, "tests: every customer")

@@ -36,6 +36,10 @@ def upgrade() -> None:
         ),
         sa.Column("revoked_at", sa.DateTime(timezone=True)),
         sa.CheckConstraint("role IN ('client', 'operator')", name=op.f("ck_api_keys_role")),
+        sa.CheckConstraint(
+            "role = 'client' OR customers IS NULL",
+            name=op.f("ck_api_keys_operator_every_customer"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
     )
 

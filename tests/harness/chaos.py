@@ -161,7 +161,7 @@ class Cluster:
             broker_url=self.redis.url(0),
             result_backend_url=self.redis.url(1),
         )
-        register_test_keys(settings)
+        register_test_keys(settings, self.postgres.url(role="owner"))
         self.engine = make_engine(settings, application_name="chaos-checker")
         self.stack = Stack(
             settings,

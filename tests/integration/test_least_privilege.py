@@ -90,7 +90,8 @@ def test_the_application_role_uses_the_rows_of_every_table_and_sequence(engine: 
                 " JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'"
                 " CROSS JOIN unnest(CASE c.relkind WHEN 'S' THEN ARRAY['USAGE']"
                 " ELSE ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'] END) AS p(privilege)"
-                " WHERE c.relkind IN ('r', 'p', 'S') AND c.relname <> 'alembic_version'"
+                " WHERE c.relkind IN ('r', 'p', 'S')"
+                " AND c.relname NOT IN ('alembic_version', 'api_keys')"
                 " AND NOT CASE c.relkind WHEN 'S' THEN has_sequence_privilege(c.oid, p.privilege)"
                 " ELSE has_table_privilege(c.oid, p.privilege) END"
             )
@@ -104,7 +105,30 @@ def test_the_application_role_uses_the_rows_of_every_table_and_sequence(engine: 
     assert "orders" in tables and "products" in tables
     assert missing == []
     assert tuple(version) == (True, False)  # it reads the schema's revision, no more
+    keys = conn_privileges(engine, "api_keys")
+    assert keys == {"SELECT": True, "INSERT": False, "UPDATE": False, "DELETE": False}
     add_product(engine, on_hand=1)  # rows: yes
+
+
+def conn_privileges(engine: Engine, table: str) -> dict[str, bool]:
+    with engine.connect() as conn:
+        return {
+            p: bool(conn.execute(text(f"SELECT has_table_privilege('{table}', '{p}')")).scalar())
+            for p in ("SELECT", "INSERT", "UPDATE", "DELETE")
+        }
+
+
+def test_the_application_role_can_neither_mint_nor_revive_an_api_key(engine: Engine) -> None:
+    assert (
+        refused(
+            engine,
+            "INSERT INTO api_keys (id, name, role, secret_hash)"
+            " VALUES ('abcdefabcdef', 'x', 'operator', repeat('0', 64))",
+        )
+        == INSUFFICIENT_PRIVILEGE
+    )
+    assert refused(engine, "UPDATE api_keys SET revoked_at = NULL") == INSUFFICIENT_PRIVILEGE
+    assert refused(engine, "DELETE FROM api_keys") == INSUFFICIENT_PRIVILEGE
 
 
 def test_the_owner_owns_the_schema_and_is_no_superuser(owner_engine: Engine) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from uuid import UUID
+from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 
 from config.settings import Settings
 from orders import keys
@@ -34,10 +36,10 @@ def client(settings: Settings, engine: Engine) -> Iterator[FlaskClient]:
 
 
 @pytest.fixture
-def world(engine: Engine) -> dict[str, str]:
+def world(engine: Engine, owner_engine: Engine) -> dict[str, str]:
     """Customers A and B, a product, a key for each customer and an all-customers key."""
     a, b = add_customer(engine, limit="1000.00"), add_customer(engine, limit="1000.00")
-    with engine.begin() as conn:
+    with owner_engine.begin() as conn:  # keys are the owner's to make
         key_a = keys.create(conn, "client of A", customer_ids=[a])[1]
         key_b = keys.create(conn, "client of B", customer_ids=[b])[1]
     return {
@@ -63,6 +65,12 @@ def place(client: FlaskClient, key: str, customer: str, product: str, **headers:
     )
 
 
+def masked(response: Any, order_id: str, customer_id: str) -> str:
+    """The answer's body with the ids it was asked about blanked out."""
+    text = response.get_data(as_text=True)
+    return text.replace(order_id, "<order>").replace(customer_id, "<customer>")
+
+
 def test_a_key_sees_nothing_of_another_customer(
     client: FlaskClient, engine: Engine, world: dict[str, str]
 ) -> None:
@@ -71,23 +79,25 @@ def test_a_key_sees_nothing_of_another_customer(
     order_b = placed.json["order_id"]
     before = row_counts(engine)
 
-    for path in (
-        f"/orders/{order_b}",
-        f"/orders/{order_b}/status",
-        f"/orders/{order_b}/timeline",
-        f"/orders/{order_b}/timeline.html",
-        f"/customers/{world['b']}/orders",
-        f"/customers/{world['b']}/summary",
-        f"/customers/{world['b']}/credit",
+    # Each answer is the one for an order or customer that does not exist at all, word
+    # for word but the id: nothing tells "not yours" from "not there".
+    ghost_order, ghost_customer = str(uuid4()), f"NO-SUCH-{uuid4().hex[:8].upper()}"
+    for template in (
+        "/orders/{o}",
+        "/orders/{o}/status",
+        "/orders/{o}/timeline",
+        "/orders/{o}/timeline.html",
+        "/customers/{c}/orders",
+        "/customers/{c}/summary",
+        "/customers/{c}/credit",
     ):
-        response = client.get(path, headers=auth(world["key_a"]))
-        assert response.status_code == 404, path
-        assert response.mimetype == "application/problem+json"
-        # The answer for a customer or order that does not exist at all is the same.
-        assert (
-            world["b"] not in response.get_data(as_text=True)
-            or "no customer" in (response.json["detail"])
+        real = client.get(template.format(o=order_b, c=world["b"]), headers=auth(world["key_a"]))
+        ghost = client.get(
+            template.format(o=ghost_order, c=ghost_customer), headers=auth(world["key_a"])
         )
+        assert real.status_code == ghost.status_code == 404, template
+        assert real.mimetype == ghost.mimetype == "application/problem+json"
+        assert masked(real, order_b, world["b"]) == masked(ghost, ghost_order, ghost_customer)
 
     statuses = client.get(f"/orders/status?ids={order_b}", headers=auth(world["key_a"]))
     assert statuses.status_code == 200
@@ -99,8 +109,9 @@ def test_a_key_sees_nothing_of_another_customer(
     assert refused.mimetype == "application/problem+json"
     assert row_counts(engine) == before
     # ... the same answer as for a customer that does not exist.
-    nobody = place(client, world["key_a"], "NO-SUCH-CUSTOMER", world["product"])
-    assert nobody.status_code == 404 and nobody.json["title"] == refused.json["title"]
+    nobody = place(client, world["key_a"], ghost_customer, world["product"])
+    assert nobody.status_code == 404
+    assert masked(refused, order_b, world["b"]) == masked(nobody, ghost_order, ghost_customer)
 
     # B's own key and an all-customers key see it.
     for key in (world["key_b"], API_KEY):
@@ -122,9 +133,9 @@ def test_a_key_acts_for_its_own_customer(client: FlaskClient, world: dict[str, s
 
 
 def test_idempotency_keys_stay_each_keys_own(
-    client: FlaskClient, engine: Engine, world: dict[str, str]
+    client: FlaskClient, engine: Engine, owner_engine: Engine, world: dict[str, str]
 ) -> None:
-    with engine.begin() as conn:
+    with owner_engine.begin() as conn:
         other_a = keys.create(conn, "second client of A", customer_ids=[world["a"]])[1]
     first = place(client, world["key_a"], world["a"], world["product"], **{"Idempotency-Key": "k1"})
     again = place(client, world["key_a"], world["a"], world["product"], **{"Idempotency-Key": "k1"})
@@ -143,11 +154,11 @@ def test_idempotency_keys_stay_each_keys_own(
 
 
 def test_revoking_a_key_takes_effect_on_the_next_request(
-    client: FlaskClient, engine: Engine, world: dict[str, str]
+    client: FlaskClient, owner_engine: Engine, world: dict[str, str]
 ) -> None:
     path = f"/customers/{world['a']}/credit"
     assert client.get(path, headers=auth(world["key_a"])).status_code == 200
-    with engine.begin() as conn:
+    with owner_engine.begin() as conn:
         assert keys.revoke(conn, keys.key_id_of(world["key_a"]) or "")
     refused = client.get(path, headers=auth(world["key_a"]))
     assert refused.status_code == 401
@@ -185,3 +196,21 @@ def test_a_client_key_on_an_operator_endpoint_is_forbidden(
             assert forbidden.status_code == 403
             assert forbidden.mimetype == "application/problem+json"
         assert client.get("/admin/dead-letters").status_code == 401
+
+
+def test_an_operators_key_acts_for_every_customer(
+    owner_engine: Engine, world: dict[str, str]
+) -> None:
+    with owner_engine.begin() as conn, pytest.raises(ValueError, match="every customer"):
+        keys.create(conn, "scoped operator", role=keys.Role.OPERATOR, customer_ids=[world["a"]])
+    # The table refuses one too, whoever writes it.
+    with owner_engine.begin() as conn, pytest.raises(IntegrityError, match="operator_every"):
+        conn.execute(
+            api_keys.insert().values(
+                id="abcdefabcdef",
+                name="scoped operator",
+                role="operator",
+                customers=[world["a"]],
+                secret_hash="0" * 64,
+            )
+        )
