@@ -38,9 +38,14 @@ class Reader:
         def load() -> StatusView | None:
             return self._load_statuses([order_id]).get(order_id)
 
-        return self.caches.load_once(
-            STATUS, order_id, load, lambda e: StatusView.from_json(e.value, e.version)
-        )
+        def cached(entry: Entry) -> StatusView | None:
+            # An entry written before statuses named their customer (an older process
+            # of a rolling deploy) is a miss: the key's scope needs the customer.
+            if "customer_id" not in entry.value:
+                return load()
+            return StatusView.from_json(entry.value, entry.version)
+
+        return self.caches.load_once(STATUS, order_id, load, cached)
 
     def statuses(self, order_ids: Sequence[UUID]) -> dict[UUID, StatusView]:
         """Many orders' statuses: one MGET, and one query for the misses."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, event
 
 from config.settings import Settings
-from orders import events, services
+from orders import events, keys, services
 from orders.api import create_app
 from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
 from orders.db import make_engine
@@ -214,6 +214,31 @@ def test_an_event_refreshes_the_cached_status_and_a_late_fill_cannot_bring_the_o
     detail = client.get(f"/orders/{order_id}", headers=AUTH).json
     assert detail["status"] == "CANCELLED"
     assert caches.redis.pttl(f"orders:cache:order:{order_id}") == -1
+
+
+def test_a_status_cached_by_an_older_process_is_read_again_for_a_scoped_key(
+    settings: Settings, reads_engine: Engine, owner_engine: Engine, caches: Caches
+) -> None:
+    customer, product = (
+        add_customer(reads_engine, limit="100.00"),
+        add_product(reads_engine, on_hand=5),
+    )
+    order_id = place(reads_engine, customer, product)
+    with owner_engine.begin() as conn:
+        scoped = {"Authorization": f"Bearer {keys.create(conn, 't', customer_ids=[customer])[1]}"}
+    # A status as a process from before statuses named their customer cached it (a
+    # rolling deploy): no customer_id, and a version no fill will overwrite.
+    older = {
+        "order_id": str(order_id),
+        "status": "PENDING",
+        "cancel_reason": None,
+        "updated_at": datetime.now(UTC).isoformat(),
+    }
+    caches.put(STATUS, {order_id: Entry(10**6, older)})
+    client = make_app(settings, reads_engine, caches).test_client()
+    assert client.get(f"/orders/{order_id}/status", headers=scoped).status_code == 200
+    listed = client.get(f"/orders/status?ids={order_id}", headers=scoped).json
+    assert [s["order_id"] for s in listed["statuses"]] == [str(order_id)]
 
 
 def test_credit_is_written_through_by_every_change_of_it(
