@@ -76,3 +76,34 @@ def test_migrations_downgrade_to_nothing_and_back(fresh: Engine) -> None:
     assert set(inspect(fresh).get_table_names()) == {"alembic_version"}
     migrate(url)
     assert "orders" in inspect(fresh).get_table_names()
+
+
+def test_an_orders_problem_loses_the_database_text_on_upgrade(fresh: Engine) -> None:
+    url = fresh.url.render_as_string(hide_password=False)
+    migrate(url)
+    command.downgrade(alembic_config(url), "0011")
+    raw = (
+        "IntegrityError: (psycopg2.errors.CheckViolation) new row violates check constraint"
+        ' "ck_products_reserved_not_negative" DETAIL: Failing row contains (SKU-1, 5, -1).'
+        " [SQL: UPDATE products SET reserved=reserved - %(q)s] [parameters: {'q': 5}]"
+    )
+    with fresh.begin() as conn:
+        conn.execute(text("INSERT INTO customers (id, name, credit_limit) VALUES ('C', 'c', 1)"))
+        for n, problem in enumerate((raw, "no class here", None)):
+            conn.execute(
+                text(
+                    "INSERT INTO orders (id, customer_id, saga_id, status, total, problem,"
+                    " version, created_at, updated_at) VALUES (gen_random_uuid(), 'C',"
+                    " gen_random_uuid(), 'COMPENSATION_FAILED', 1, :p, 1, now(),"
+                    " now() + :n * interval '1 s')"
+                ),
+                {"p": problem, "n": n},
+            )
+    migrate(url)
+    with fresh.connect() as conn:
+        problems = conn.execute(text("SELECT problem FROM orders ORDER BY updated_at")).scalars()
+        assert list(problems) == [
+            "IntegrityError: the compensation failed; it will be retried",
+            "Error: the compensation failed; it will be retried",
+            None,
+        ]
