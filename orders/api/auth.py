@@ -15,15 +15,23 @@ from orders.keys import Principal
 MAX_CREDENTIALS = 200
 
 
+def bearer_token() -> str | None:
+    """The request's bearer token, or None: no such header, another scheme, or a header
+    longer than ``MAX_CREDENTIALS`` (refused whole, never cut)."""
+    header = request.headers.get("Authorization", "")
+    if len(header) > MAX_CREDENTIALS:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def require_key(engine: Engine, *, operator: bool = False) -> Principal:
     """The caller's principal (also ``g.principal``; ``g.client`` is its key id, the
     scope of its idempotency keys). 401 without a valid key; 403 when ``operator`` and
     the key is a client's."""
-    scheme, _, token = request.headers.get("Authorization", "")[:MAX_CREDENTIALS].partition(" ")
-    token = token.strip()
-    principal = None
-    if scheme.lower() == "bearer" and token:
-        principal = keys.authenticate(engine, token)
+    token = bearer_token()
+    principal = keys.authenticate(engine, token) if token else None
     if principal is None:
         raise Unauthorized(
             "a valid API key is required: Authorization: Bearer <key>",
