@@ -5,9 +5,11 @@ The backlog is the number of messages waiting in the saga lane's queue on the br
 (kombu's Redis transport keeps one list per priority step: the same count as
 ``workers.liveness.depth``), read in one pipelined call and kept for ``CACHE_SECONDS`` in
 the process, so a flood costs a few Redis calls a second. The check runs in an app-level
-``before_request``: before authentication and before PostgreSQL, so a refused order
-writes nothing. The broker unreachable: orders are admitted (their outbox entries carry
-them), and the failure is logged at most once per ``UNAVAILABLE_LOG_SECONDS``.
+``before_request``, before PostgreSQL, so a refused order writes nothing. A request
+without a well-formed bearer key is not checked: authentication answers it 401, and no
+one without a key learns of the backlog. The broker unreachable: orders are admitted
+(their outbox entries carry them), and the failure is logged at most once per
+``UNAVAILABLE_LOG_SECONDS``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from prometheus_client import Counter
 from redis import Redis
 
 from config.settings import Settings
+from orders.api.auth import bearer_token
 from orders.api.problems import problem
+from orders.keys import key_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +100,9 @@ def install_admission(app: Flask, settings: Settings) -> Backlog | None:
     def admit() -> Response | None:
         if request.endpoint != GUARDED_ENDPOINT or request.method != "POST":
             return None
+        token = bearer_token()
+        if token is None or key_id_of(token) is None:
+            return None  # 401 from authentication, not a word about the backlog
         waiting = backlog.current()
         if waiting is None or waiting <= bound:
             return None

@@ -211,7 +211,15 @@ def test_orders_are_refused_while_the_saga_lane_is_backed_up_and_admitted_once_i
     assert _order_count(engine, customer) == len(accepted)  # the refused wrote nothing
     assert api.place(customer, [(product, 1)]).status_code == 503
     assert _order_count(engine, customer) == len(accepted)
-    assert _metric(admitting, "orders_api_admission_refused_total") >= 2
+    refusals = _metric(admitting, "orders_api_admission_refused_total")
+    assert refusals >= 2
+    # Without a well-formed key: 401 from authentication, nothing about the backlog.
+    body = {"customer_id": customer, "lines": [{"product_id": product, "quantity": 1}]}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eDp5"}):
+        answer = httpx.post(f"{admitting.api_url}/orders", json=body, headers=headers, timeout=10)
+        assert answer.status_code == 401
+        assert answer.headers["Content-Type"] == "application/problem+json"
+    assert _metric(admitting, "orders_api_admission_refused_total") == refusals
 
     worker.start()  # the lane drains
     for order_id in accepted:
