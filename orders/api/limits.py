@@ -2,13 +2,20 @@
 one count).
 
 The limit is checked in an app-level ``before_request``, before the blueprints
-authenticate, so the caller is named without a database lookup: by a hash of its bearer
-token (never the token itself in Redis), or by its address when it sends none. One limit
-covers every route of a caller; the probes, ``/metrics`` and ``/openapi.json`` are exempt.
-Answers 401 also count against the client's address, under the same limit: a made-up
-token per request is a new key each time, but not a new address.
+authenticate, so the caller is named without a database lookup: by the public id of the
+key it presents (``key:<id>``, read from the token exactly as authentication reads it:
+``auth.bearer_token``, ``keys.key_id_of``), or by its address when it sends no
+well-formed key. One limit covers every route of a caller; the probes, ``/metrics`` and
+``/openapi.json`` are exempt.
 
-Over the limit: 429 problem+json with ``Retry-After``. Every limited answer carries
+A made-up key is a new caller each time, so failed authentication has a budget of its
+own: every 401 is a hit on the client's address (the same limit, storage and moving
+window, counted with the ``limits`` library directly); once the address is over it, its
+failures answer 429 instead of 401. Only failures count and only failures are refused: a
+valid key from the same address (a NAT, a proxy) is never held back by someone else's
+guessing.
+
+Over a limit: 429 problem+json with ``Retry-After``. Every limited answer carries
 ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` (seconds until the
 window resets, as the IETF draft has it; Flask-Limiter's own headers give a timestamp).
 
@@ -19,7 +26,6 @@ once per ``UNAVAILABLE_LOG_SECONDS``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -28,10 +34,13 @@ from typing import Any
 
 from flask import Flask, Response, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
+from limits import RateLimitItem, parse_many
 from prometheus_client import Counter
 
 from config.settings import Settings
+from orders.api.auth import bearer_token
 from orders.api.problems import problem
+from orders.keys import key_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ UNAVAILABLE_LOG_SECONDS = 10.0
 STRATEGY = "moving-window"
 #: Prefix of the limiter's keys in Redis.
 KEY_PREFIX = "orders-ratelimit"
+#: The limit's scope for failed authentication, counted per address.
+FAILED_AUTH_SCOPE = "failed-auth"
 
 REFUSED = Counter("orders_api_rate_limited_total", "Requests refused by the rate limit (429).")
 UNAVAILABLE = Counter(
@@ -60,15 +71,11 @@ def address() -> str:
 
 
 def caller() -> str:
-    """Who the limit counts against: a hash of the bearer token, else the address."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
-    return address()
-
-
-def _refused_key(response: Response) -> bool:
-    return response.status_code == 401
+    """Who the limit counts against: the public id of the key presented (what
+    authentication looks up), else the address."""
+    token = bearer_token()
+    key_id = key_id_of(token) if token else None
+    return f"key:{key_id}" if key_id else address()
 
 
 class _FailOpen(logging.Filter):
@@ -83,17 +90,18 @@ class _FailOpen(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.exc_info:
             return True
+        self.unavailable(record.exc_info[1])
+        return False
+
+    def unavailable(self, exc: BaseException | None) -> None:
+        """Count a request let through unlimited; log it at most once per interval."""
         UNAVAILABLE.inc()
         with self._lock:
             now, due = time.monotonic(), self._last + UNAVAILABLE_LOG_SECONDS
             if now >= due:
                 self._last = now
         if now >= due:
-            logger.warning(
-                "rate limit storage unreachable, requests pass unlimited: %r",
-                record.exc_info[1],
-            )
-        return False
+            logger.warning("rate limit storage unreachable, requests pass unlimited: %r", exc)
 
 
 _FAIL_OPEN = _FailOpen()
@@ -112,14 +120,6 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         caller,
         application_limits=[
             ApplicationLimit(settings.rate_limit, key_function=caller, scope="caller"),
-            # A made-up token each time is a new caller: the answers 401 count against
-            # the address too, so guessing keys is limited as well.
-            ApplicationLimit(
-                settings.rate_limit,
-                key_function=address,
-                scope="unauthorized",
-                deduct_when=_refused_key,
-            ),
         ],
         storage_uri=settings.rate_limit_storage_url,
         storage_options=_STORAGE_OPTIONS,
@@ -137,15 +137,52 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
     limiter.request_filter(lambda: request.path in EXEMPT_PATHS)
     limiter.init_app(app)
 
+    # Failed authentication, per address: the caller's limit, in the same storage and
+    # moving window (refused when any of its items is over).
+    failure_budget = parse_many(settings.rate_limit)
+
     @app.errorhandler(RateLimitExceeded)
     def too_many_requests(exc: RateLimitExceeded) -> Response:
         REFUSED.inc()
         return problem(429, "Too Many Requests", f"rate limit exceeded: {exc.description}")
 
+    def failed_authentication(response: Response) -> Response:
+        """Count a 401 against the client's address; past the budget, answer 429."""
+        strategy, who = limiter.limiter, address()
+        try:
+            over = [
+                item
+                for item in failure_budget
+                if not strategy.hit(item, KEY_PREFIX, FAILED_AUTH_SCOPE, who)
+            ]
+            if not over:
+                return response
+            limit: RateLimitItem = over[0]
+            reset_at, _ = strategy.get_window_stats(limit, KEY_PREFIX, FAILED_AUTH_SCOPE, who)
+        except Exception as exc:  # the storage is unreachable: the 401 stands
+            _FAIL_OPEN.unavailable(exc)
+            return response
+        REFUSED.inc()
+        refused = problem(
+            429,
+            "Too Many Requests",
+            f"too many requests without a valid API key from this address: {limit}",
+        )
+        reset = max(0, math.ceil(reset_at - time.time()))
+        refused.headers["RateLimit-Limit"] = str(limit.amount)
+        refused.headers["RateLimit-Remaining"] = "0"
+        refused.headers["RateLimit-Reset"] = str(reset)
+        refused.headers["Retry-After"] = str(max(1, reset))
+        return refused
+
     @app.after_request
     def rate_limit_headers(response: Response) -> Response:
+        if response.status_code == 401:
+            response = failed_authentication(response)
+            if response.status_code == 429:
+                return response
         current = limiter.current_limit
-        if current is None:
+        if current is None:  # exempt, or the storage unreachable at the check
             return response
         try:
             reset_at, remaining = current.window

@@ -18,6 +18,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from config.settings import Settings
+from orders import keys
+from orders.api.auth import MAX_CREDENTIALS
 from orders.tables import orders
 from scripts.services import LocalRedis
 from tests.conftest import API_KEY, Servers
@@ -31,6 +33,23 @@ LIMIT = 12
 #: Messages the saga lane may hold before orders are refused.
 MAX_BACKLOG = 6
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _new_key(owner_engine: Engine) -> str:
+    """A client key for every customer, with a rate limit count of its own (keys are the
+    schema owner's to make)."""
+    with owner_engine.begin() as conn:
+        return keys.create(conn, f"tests: limits {uuid4().hex[:8]}")[1]
+
+
+def _from(address: str) -> httpx.Client:
+    """A client whose connections come from ``address`` (any of 127.0.0.0/8 is this host),
+    so its requests count against an address no other test uses."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10)
 
 
 @dataclass
@@ -95,11 +114,11 @@ def _serving_pid(stack: Stack, client_port: int) -> int | None:
 
 
 def _get_on_a_new_connection(
-    stack: Stack, path: str
+    stack: Stack, path: str, headers: dict[str, str] = AUTH
 ) -> tuple[http.client.HTTPResponse, bytes, int | None]:
     conn = http.client.HTTPConnection("127.0.0.1", stack.api_port, timeout=10)
     try:
-        conn.request("GET", path, headers=AUTH)
+        conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         body = response.read()
         assert conn.sock is not None
@@ -148,14 +167,56 @@ def test_a_key_over_its_limit_gets_429_with_the_rate_limit_headers_across_every_
     assert _metric(stack, "orders_api_rate_limited_total") == len(refused)
 
 
-def test_guessing_keys_is_limited_by_address(limited: Limited) -> None:
-    def guess() -> int:
-        made_up = {"Authorization": f"Bearer osk_{secrets.token_hex(24)}"}
-        url = f"{limited.stack.api_url}/orders/{uuid4()}/status"
-        return httpx.get(url, headers=made_up, timeout=10).status_code
+def test_a_header_past_the_credentials_limit_is_refused_not_cut(
+    limited: Limited, owner_engine: Engine
+) -> None:
+    key = _new_key(owner_engine)
+    padded = f"Bearer {key}" + " " * MAX_CREDENTIALS + secrets.token_hex(4)
+    url = f"{limited.stack.api_url}/orders/{uuid4()}/status"
+    with _from("127.0.0.11") as client:
+        answer = client.get(url, headers={"Authorization": padded})
+        assert answer.status_code == 401  # a new count each time would be a way round the limit
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        assert client.get(url, headers=_bearer(key)).status_code == 404  # the key itself works
 
-    answers = [guess() for _ in range(LIMIT + 3)]
-    assert answers == [401] * LIMIT + [429] * 3  # each token new, the address the same
+
+def test_guessing_keys_from_one_address_ends_in_429_and_its_valid_keys_still_pass(
+    limited: Limited, engine: Engine, owner_engine: Engine
+) -> None:
+    customer = add_customer(engine, limit="100.00")
+    key = _new_key(owner_engine)
+    api = limited.stack.api_url
+    refused_before = _metric(limited.stack, "orders_api_rate_limited_total")
+
+    with _from("127.0.0.12") as client:
+
+        def guess() -> httpx.Response:
+            made_up = f"osk_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+            assert keys.key_id_of(made_up)  # well formed: a limit bucket of its own
+            return client.get(f"{api}/orders/{uuid4()}/status", headers=_bearer(made_up))
+
+        answers = [guess() for _ in range(LIMIT + 3)]
+        # Each key new, the address the same: its failures have one budget.
+        assert [a.status_code for a in answers] == [401] * LIMIT + [429] * 3
+        refused = answers[-1]
+        assert refused.headers["Content-Type"] == "application/problem+json"
+        assert refused.json()["status"] == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.headers["RateLimit-Limit"] == str(LIMIT)
+        assert refused.headers["RateLimit-Remaining"] == "0"
+        # No key at all, or a malformed one: a failure from the same address, refused too.
+        assert client.get(f"{api}/customers/{customer}/credit").status_code == 429
+        assert (
+            client.get(f"{api}/customers/{customer}/credit", headers=_bearer("nope")).status_code
+            == 429
+        )
+
+        # A valid key from the guessing address is served: only failures are held back.
+        for _ in range(3):
+            answer = client.get(f"{api}/customers/{customer}/credit", headers=_bearer(key))
+            assert answer.status_code == 200
+            assert answer.headers["RateLimit-Limit"] == str(LIMIT)
+    assert _metric(limited.stack, "orders_api_rate_limited_total") - refused_before == 5
 
 
 def test_requests_pass_unlimited_while_the_limiters_redis_is_down(limited: Limited) -> None:
@@ -167,6 +228,11 @@ def test_requests_pass_unlimited_while_the_limiters_redis_is_down(limited: Limit
             for _ in range(LIMIT + 4)
         ]
         assert answers == [404] * (LIMIT + 4)  # fail open: no 429, no 500
+        with _from("127.0.0.13") as client:  # failed authentication is not counted: 401
+            made_up = client.get(
+                f"{stack.api_url}/orders/{uuid4()}/status", headers=_bearer("osk_nope")
+            )
+            assert made_up.status_code == 401
         assert _metric(stack, "orders_api_rate_limit_unavailable_total") >= LIMIT + 4
         assert "requests pass unlimited" in stack.service("web").log()
     finally:
