@@ -97,5 +97,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.batch_sweep_interval_seconds,
                 "options": {"expires": settings.batch_sweep_interval_seconds * 2},
             },
+            "retention": {
+                "task": names.RETAIN,
+                "schedule": settings.retention_interval_seconds,
+                "options": {"expires": settings.retention_interval_seconds * 2},
+            },
         },
     }

@@ -43,6 +43,9 @@ CHECK_EVENTS = "housekeeping.check_events"
 #: or fail them.
 SWEEP_BATCH_RUNS = "housekeeping.sweep_batch_runs"
 
+#: Retention: remove what is finished and past its retention, a bounded batch per run.
+RETAIN = "housekeeping.retain"
+
 #: Batch credit check: start a run (beat, on demand), and one chunk of it.
 START_CREDIT_CHECK = "batch.credit_check.start"
 CREDIT_CHECK_CHUNK = "batch.credit_check.chunk"
@@ -64,6 +67,7 @@ ROUTES: dict[str, Lane] = {
     SWEEP_SAGAS: Lane.DEFAULT,
     CHECK_EVENTS: Lane.DEFAULT,
     SWEEP_BATCH_RUNS: Lane.DEFAULT,
+    RETAIN: Lane.DEFAULT,
     START_CREDIT_CHECK: Lane.DEFAULT,
     CREDIT_CHECK_CHUNK: Lane.BATCH,
     TEST_FLAKY: Lane.DEFAULT,

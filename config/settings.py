@@ -176,6 +176,22 @@ class Settings:
     #: (docs/performance.md says why 200); 0: never. From the environment:
     #: ADMISSION_MAX_BACKLOG; unset, 200 except under APP_ENV=test (0).
     admission_max_backlog: int = 0
+    #: Retention (workers.retention): how long what is finished is kept; 0 keeps it for
+    #: ever. Finished sagas and their steps (an order's timeline answers 404 after it):
+    retain_sagas_days: float = 30.0
+    #: Idempotency keys: a retried POST with the key after this makes a new order.
+    retain_idempotency_hours: float = 24.0
+    #: Order events every consumer has applied.
+    retain_events_days: float = 30.0
+    #: Purged dead letters.
+    retain_dead_letters_days: float = 30.0
+    #: Finished and failed batch runs and their chunks.
+    retain_batch_runs_days: float = 90.0
+    #: How often beat runs the retention job; each run removes at most
+    #: RETENTION_BATCHES_PER_RUN statements of RETENTION_BATCH_ROWS rows per table.
+    retention_interval_seconds: float = 60.0
+    retention_batch_rows: int = 1000
+    retention_batches_per_run: int = 10
 
     def queue(self, lane: names.Lane) -> str:
         """The queue of a lane."""
@@ -237,6 +253,24 @@ class Settings:
             raise ConfigError("SAGA_LANE, DEFAULT_LANE and BATCH_LANE must be distinct queues")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
+        for name in (
+            "retain_sagas_days",
+            "retain_idempotency_hours",
+            "retain_events_days",
+            "retain_dead_letters_days",
+            "retain_batch_runs_days",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.upper()} must be 0 (keep for ever) or positive")
+        if (
+            self.retention_interval_seconds <= 0
+            or self.retention_batch_rows < 1
+            or self.retention_batches_per_run < 1
+        ):
+            raise ConfigError(
+                "RETENTION_INTERVAL_SECONDS, RETENTION_BATCH_ROWS and"
+                " RETENTION_BATCHES_PER_RUN must be positive"
+            )
         if self.admission_max_backlog < 0:
             raise ConfigError("ADMISSION_MAX_BACKLOG must be 0 (off) or positive")
         if self.rate_limit:
@@ -418,5 +452,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "ADMISSION_MAX_BACKLOG",
             int,
             0 if app_env == "test" else DEFAULT_ADMISSION_MAX_BACKLOG,
+        ),
+        retain_sagas_days=_number(env, "RETAIN_SAGAS_DAYS", float, d.retain_sagas_days),
+        retain_idempotency_hours=_number(
+            env, "RETAIN_IDEMPOTENCY_HOURS", float, d.retain_idempotency_hours
+        ),
+        retain_events_days=_number(env, "RETAIN_EVENTS_DAYS", float, d.retain_events_days),
+        retain_dead_letters_days=_number(
+            env, "RETAIN_DEAD_LETTERS_DAYS", float, d.retain_dead_letters_days
+        ),
+        retain_batch_runs_days=_number(
+            env, "RETAIN_BATCH_RUNS_DAYS", float, d.retain_batch_runs_days
+        ),
+        retention_interval_seconds=_number(
+            env, "RETENTION_INTERVAL_SECONDS", float, d.retention_interval_seconds
+        ),
+        retention_batch_rows=_number(env, "RETENTION_BATCH_ROWS", int, d.retention_batch_rows),
+        retention_batches_per_run=_number(
+            env, "RETENTION_BATCHES_PER_RUN", int, d.retention_batches_per_run
         ),
     )

@@ -143,6 +143,8 @@ idempotency_keys = Table(
     ForeignKeyConstraint(
         ["order_id"], ["orders.id"], ondelete="CASCADE", deferrable=True, initially="DEFERRED"
     ),
+    #: Keys by age: the retention job removes the expired ones (workers.retention).
+    Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
 #: Each customer's latest credit review (the batch credit check): the figures it saw,

@@ -52,6 +52,12 @@ sagas = Table(
         "deadline_at",
         postgresql_where=text("state IN ('RUNNING', 'COMPENSATION_FAILED')"),
     ),
+    #: Finished sagas by age: the retention job removes the old ones (workers.retention).
+    Index(
+        "ix_sagas_finished",
+        "finished_at",
+        postgresql_where=text("state IN ('CONFIRMED', 'CANCELLED')"),
+    ),
 )
 
 #: One row per (saga, step): the primary key makes each step's effect happen once.

@@ -64,6 +64,8 @@ dead_letters = Table(
         "last_failed_at",
         postgresql_where=text("state = 'OPEN'"),
     ),
+    #: Purged letters by age: the retention job removes the old ones (workers.retention).
+    Index("ix_dead_letters_purged", "resolved_at", postgresql_where=text("state = 'PURGED'")),
 )
 
 #: A run of a batch job (the credit check): its window, its size, its progress.
@@ -95,6 +97,12 @@ batch_runs = Table(
     Column("reason", Text),
     UniqueConstraint("job", "window_key", name="uq_batch_runs_job_window"),
     CheckConstraint("state IN ('PUBLISHING', 'RUNNING', 'FINISHED', 'FAILED')", name="known_state"),
+    #: Ended runs by age: the retention job removes the old ones (workers.retention).
+    Index(
+        "ix_batch_runs_finished",
+        "finished_at",
+        postgresql_where=text("state IN ('FINISHED', 'FAILED')"),
+    ),
 )
 
 #: One row per finished chunk of a run: a redelivered chunk counts once.

@@ -28,7 +28,7 @@ from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
 from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.recovery import sweep_overdue
-from workers import batch, dlq, liveness
+from workers import batch, dlq, liveness, retention
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
 from workers.metrics import STEP_DURATION, record_completion
 from workers.runtime import Runtime
@@ -82,6 +82,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         """The integrity check: every consumer's positions against the event log."""
         hold = runtime.settings.events_hold_seconds
         return check_all(runtime.engine, event_consumers(runtime.caches), hold=hold)
+
+    @app.task(shared=False, name=names.RETAIN, base=base, retries=0, dead_letters=False)
+    def retain() -> dict[str, int]:
+        """Remove what is finished and past its retention, a bounded batch per run."""
+        policy = retention.RetentionPolicy.from_settings(runtime.settings)
+        consumers = [consumer.name for consumer in event_consumers(runtime.caches)]
+        return retention.run_retention(runtime.engine, policy, consumers)
 
     _register_batch_tasks(app, runtime, base)
     if runtime.settings.test_tasks:

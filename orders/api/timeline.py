@@ -177,11 +177,15 @@ def timeline_blueprint(
         except ValueError:
             raise NotFound(f"no order {order_id}") from None
         status = reader.status(wanted)
-        found = None
-        if status is not None and may_see(status.customer_id):
-            found = source.timeline(wanted)
-        if found is None:
+        if status is None or not may_see(status.customer_id):
             raise NotFound(f"no order {order_id}")
+        found = source.timeline(wanted)
+        if found is None:
+            # The order stays; its saga went with the retention job (RETAIN_SAGAS_DAYS).
+            raise NotFound(
+                f"the timeline of order {order_id} has expired: a finished saga is kept"
+                f" {settings.retain_sagas_days:g} days"
+            )
         return found
 
     @bp.get("/<order_id>/timeline")

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery.schedules import crontab
 
+from config import names
+from config.celeryconf import celery_config
 from config.schedules import AlignedEvery, credit_check_schedule, window_key
 from config.settings import ConfigError, Settings
 
@@ -44,3 +46,11 @@ def test_the_credit_check_runs_nightly_unless_told_otherwise() -> None:
     assert isinstance(credit_check_schedule(Settings(credit_check_every_seconds=3)), AlignedEvery)
     with pytest.raises(ConfigError, match="5 fields"):
         credit_check_schedule(Settings(credit_check_cron="0 2 *"))
+
+
+def test_beat_runs_the_retention_job_in_its_lane_every_interval() -> None:
+    settings = Settings(retention_interval_seconds=120)
+    entry = celery_config(settings)["beat_schedule"]["retention"]
+    assert entry["task"] == names.RETAIN and entry["schedule"] == 120
+    assert entry["options"]["expires"] == 240  # a run that waited two periods is dropped
+    assert names.ROUTES[names.RETAIN] == names.Lane.DEFAULT

@@ -107,3 +107,31 @@ def test_admission_control_is_on_except_under_tests_unless_told() -> None:
 def test_refuses_malformed_limits(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ)
+
+
+def test_retention_keeps_a_month_a_day_of_keys_and_a_quarter_of_batch_runs_unless_told() -> None:
+    settings = load_settings({})
+    assert (settings.retain_sagas_days, settings.retain_events_days) == (30, 30)
+    assert (settings.retain_idempotency_hours, settings.retain_dead_letters_days) == (24, 30)
+    assert settings.retain_batch_runs_days == 90
+    assert (settings.retention_batch_rows, settings.retention_batches_per_run) == (1000, 10)
+    told = load_settings(
+        {"RETAIN_SAGAS_DAYS": "7", "RETAIN_IDEMPOTENCY_HOURS": "0", "RETENTION_BATCH_ROWS": "50"}
+    )
+    assert (told.retain_sagas_days, told.retain_idempotency_hours) == (7, 0)
+    assert told.retention_batch_rows == 50
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"RETAIN_EVENTS_DAYS": "-1"}, "RETAIN_EVENTS_DAYS must be 0"),
+        ({"RETENTION_BATCH_ROWS": "0"}, "RETENTION_BATCH_ROWS"),
+        ({"RETENTION_INTERVAL_SECONDS": "0"}, "RETENTION_INTERVAL_SECONDS"),
+    ],
+)
+def test_refuses_a_negative_retention_or_an_empty_batch(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ)
