@@ -158,6 +158,15 @@ class Settings:
     events_hold_seconds: float = 5.0
     #: How often beat runs the event consumers' integrity check.
     events_check_every_seconds: float = 60.0
+    #: Each pass of the check looks at the orders changed since the previous pass ended,
+    #: and this much before (a transaction that committed late, clocks apart).
+    events_check_margin_seconds: float = 300.0
+    #: Orders changed recently that one run of the check looks at, per consumer; the
+    #: rest waits for the next run.
+    events_check_rows: int = 20_000
+    #: Orders of the whole history that one run of the check also looks at, per
+    #: consumer, going round all of them (the slow sweep behind the recent window).
+    events_sweep_rows: int = 2_000
     #: The event consumers serve Prometheus metrics on this port (0: not at all).
     events_metrics_port: int = 0
     #: The worker serves Prometheus metrics on this port (0: not at all).
@@ -246,6 +255,7 @@ class Settings:
             "max_message_bytes",
             "credit_check_chunk_size",
             "compensation_max_attempts",
+            "events_check_rows",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
@@ -270,6 +280,10 @@ class Settings:
             raise ConfigError(
                 "RETENTION_INTERVAL_SECONDS, RETENTION_BATCH_ROWS and"
                 " RETENTION_BATCHES_PER_RUN must be positive"
+            )
+        if self.events_check_margin_seconds < 0 or self.events_sweep_rows < 0:
+            raise ConfigError(
+                "EVENTS_CHECK_MARGIN_SECONDS and EVENTS_SWEEP_ROWS cannot be negative"
             )
         if self.admission_max_backlog < 0:
             raise ConfigError("ADMISSION_MAX_BACKLOG must be 0 (off) or positive")
@@ -440,6 +454,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         events_check_every_seconds=_number(
             env, "EVENTS_CHECK_EVERY_SECONDS", float, d.events_check_every_seconds
         ),
+        events_check_margin_seconds=_number(
+            env, "EVENTS_CHECK_MARGIN_SECONDS", float, d.events_check_margin_seconds
+        ),
+        events_check_rows=_number(env, "EVENTS_CHECK_ROWS", int, d.events_check_rows),
+        events_sweep_rows=_number(env, "EVENTS_SWEEP_ROWS", int, d.events_sweep_rows),
         events_metrics_port=_number(env, "EVENTS_METRICS_PORT", int, d.events_metrics_port),
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),
         worker_metrics_bind=env.get("WORKER_METRICS_BIND", d.worker_metrics_bind),

@@ -14,13 +14,25 @@ then the next...; an event at or below the position is a duplicate or old and is
 an event past a missing one (a gap) stops that order. The feed is read again from the
 checkpoint, which does not move past a blocked event or a hole in the ids (a transaction
 that has not committed yet) while they are recent (``hold``); past that, the integrity
-check (``repair``, run by beat) compares every position with the log and applies the
-missing range.
+check (``repair``, run by beat) compares positions with the log and applies the missing
+range.
+
+The check costs what changed recently, not the history. Every event moves its order's
+``version`` and ``updated_at`` in the same statement, so an order a consumer is behind
+on is one whose ``updated_at`` is no older than the event it missed. Each pass looks at
+the orders changed since the previous pass ended, and a margin before that (a
+transaction that stamped its change, then committed late; clocks apart), through the
+index on ``orders(updated_at, id)``. An event whose transaction committed more than the
+margin after it was stamped is beyond the passes: a slow sweep goes round every order,
+a small batch per run, and finds it within one round. Each run looks at no more than a
+set number of orders (the rest waits for the next run), and keeps where it is in
+``consumer_checks``.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,15 +41,27 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from prometheus_client import Counter
-from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from orders.db import transaction
-from orders.tables import consumer_checkpoints, consumer_positions, order_events, orders
+from orders.tables import (
+    consumer_checkpoints,
+    consumer_checks,
+    consumer_positions,
+    order_events,
+    orders,
+)
 
 logger = logging.getLogger(__name__)
 
-_e, _p, _k = order_events.c, consumer_positions.c, consumer_checkpoints.c
+_e, _p, _k, _o, _c = (
+    order_events.c,
+    consumer_positions.c,
+    consumer_checkpoints.c,
+    orders.c,
+    consumer_checks.c,
+)
 
 EVENTS = Counter(
     "orders_consumer_events_total",
@@ -89,6 +113,8 @@ class Tally:
     moved: int = 0
     #: Where the consumer's checkpoint is after the pass (``consume`` only).
     checkpoint: int | None = None
+    #: Orders the integrity check looked at (``repair`` only).
+    examined: int = 0
 
     def count(self, consumer: str) -> None:
         """Add to the metrics."""
@@ -104,18 +130,43 @@ _POSITIONS = (
     .where(_p.consumer == bindparam("consumer"))
     .where(_p.order_id == func.any(bindparam("ids", type_=ARRAY(Uuid))))
 )
+
+
+def _by_change(bound: str) -> Any:
+    """The key of an order in a pass over recent changes, and a bound of it."""
+    return tuple_(_o.updated_at, _o.id), tuple_(bindparam(f"{bound}_at"), bindparam(f"{bound}_id"))
+
+
+#: The next page of a pass over recent changes, and of the sweep round all orders.
+_RECENT_PAGE = (
+    select(_o.updated_at, _o.id)
+    .where(operator.gt(*_by_change("after")))
+    .where(_o.updated_at < bindparam("until"))
+    .order_by(_o.updated_at, _o.id)
+    .limit(bindparam("n"))
+)
+_SWEEP_PAGE = (
+    select(_o.id).where(_o.id > bindparam("after_id")).order_by(_o.id).limit(bindparam("n"))
+)
+#: Orders behind the consumer's positions among those after one key and up to another:
+#: by (updated_at, id) in a pass over recent changes, by id in the sweep.
 _BEHIND = (
-    select(orders.c.id, func.coalesce(_p.last_seq, 0).label("position"))
+    select(_o.id, func.coalesce(_p.last_seq, 0).label("position"))
     .select_from(
         orders.outerjoin(
             consumer_positions,
-            (_p.order_id == orders.c.id) & (_p.consumer == bindparam("consumer")),
+            (_p.order_id == _o.id) & (_p.consumer == bindparam("consumer")),
         )
     )
-    .where(orders.c.version > func.coalesce(_p.last_seq, 0))
-    .where(orders.c.updated_at < bindparam("settled_before"))
-    .limit(bindparam("n"))
+    .where(_o.version > func.coalesce(_p.last_seq, 0))
+    .where(_o.updated_at < bindparam("settled_before"))
 )
+_RECENT_BEHIND = _BEHIND.where(operator.gt(*_by_change("after"))).where(
+    operator.le(*_by_change("last"))
+)
+_SWEEP_BEHIND = _BEHIND.where(_o.id > bindparam("after_id")).where(_o.id <= bindparam("last_id"))
+#: Below every order id: where a pass or the sweep starts.
+_NO_ID = UUID(int=0)
 _LOG_OF = (
     select(*_COLUMNS)
     .where(_e.order_id == func.any(bindparam("ids", type_=ARRAY(Uuid))))
@@ -242,37 +293,79 @@ def _recent(event: Event, recent: datetime, seen: dict[int, datetime] | None) ->
     return max(event.occurred_at, first_seen) > recent
 
 
-def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int = 1000) -> Tally:
-    """The integrity check: find orders whose log goes past the consumer's position
-    (and that changed more than ``hold`` ago: the feed has had its chance), and apply
-    their missing range from the log, ``batch`` orders per transaction. Returns what it
-    applied; ``gaps`` counts the orders it brought up to their log."""
-    settled_before = datetime.now(UTC) - timedelta(seconds=hold)
+def repair(
+    engine: Engine,
+    consumer: Consumer,
+    *,
+    hold: float = 5.0,
+    margin: float = 300.0,
+    rows: int = 20_000,
+    sweep_rows: int = 2_000,
+    page: int = 1000,
+) -> Tally:
+    """The integrity check of one consumer: find orders whose log goes past the
+    consumer's position (and that changed more than ``hold`` ago: the feed has had its
+    chance), and apply their missing range from the log, ``page`` orders at a time.
+
+    It goes on with its pass over the orders changed recently (from ``margin`` seconds
+    before where the previous pass ended), looking at ``rows`` orders at most, then at
+    the next ``sweep_rows`` orders of the sweep round all orders. Returns what it
+    applied; ``gaps`` counts the orders it brought up to their log, ``examined`` the
+    orders it looked at."""
+    now = datetime.now(UTC)
+    settled_before = now - timedelta(seconds=hold)
+    state = _check_state(engine, consumer.name)
     total = Tally()
-    while True:
-        # Found without the checkpoint's lock (a scan of the orders: the feed goes on
-        # meanwhile); the positions are read again under the lock by _deliver.
+    if state.pass_until is None:  # a new pass
+        began = (state.checked_until or settled_before) - timedelta(seconds=margin)
+        until, after = settled_before, (began, _NO_ID)
+    else:
+        until, after = state.pass_until, (state.cursor_at, state.cursor_id)
+    while total.examined < rows:
+        n = min(page, rows - total.examined)
         with engine.connect() as conn:
-            behind = dict(
-                conn.execute(
-                    _BEHIND,
-                    {"consumer": consumer.name, "settled_before": settled_before, "n": batch},
-                ).all()
+            keys = conn.execute(
+                _RECENT_PAGE,
+                {"after_at": after[0], "after_id": after[1], "until": until, "n": n},
+            ).all()
+        if keys:
+            last = (keys[-1].updated_at, keys[-1].id)
+            found = {
+                "after_at": after[0],
+                "after_id": after[1],
+                "last_at": last[0],
+                "last_id": last[1],
+            }
+            _repair_behind(engine, consumer, _RECENT_BEHIND, found, settled_before, total)
+            total.examined += len(keys)
+            after = last
+        if len(keys) < n:  # the pass is done; the next run starts the next one
+            _save_check(
+                engine,
+                consumer.name,
+                checked_until=until,
+                pass_until=None,
+                cursor_at=None,
+                cursor_id=None,
             )
-        if not behind:
             break
-        with transaction(engine) as conn:
-            _lock_checkpoint(conn, consumer.name, wait=True)
-            rows = conn.execute(_LOG_OF, {"ids": list(behind)}).all()
-            missing = [Event(*row) for row in rows if row.seq > behind[row.order_id]]
-            tally = _deliver(conn, consumer, missing)
-        tally.count(consumer.name)
-        total.read += tally.read
-        total.applied += tally.applied
-        total.gaps += tally.moved  # not those the feed caught up with meanwhile
-        total.blocked += tally.blocked
-        if tally.applied == 0 or len(behind) < batch:
-            break  # what is left cannot move (a hole in the log itself)
+        _save_check(engine, consumer.name, pass_until=until, cursor_at=after[0], cursor_id=after[1])
+    if sweep_rows > 0:
+        swept_after = state.swept_after or _NO_ID
+        with engine.connect() as conn:
+            ids = (
+                conn.execute(_SWEEP_PAGE, {"after_id": swept_after, "n": sweep_rows})
+                .scalars()
+                .all()
+            )
+        if ids:
+            found = {"after_id": swept_after, "last_id": ids[-1]}
+            _repair_behind(engine, consumer, _SWEEP_BEHIND, found, settled_before, total)
+            total.examined += len(ids)
+        if len(ids) < sweep_rows:  # round every order: start over
+            _save_check(engine, consumer.name, swept_after=None, swept_at=now)
+        else:
+            _save_check(engine, consumer.name, swept_after=ids[-1])
     if total.gaps:
         GAPS.labels(consumer.name, "check").inc(total.gaps)
         logger.warning(
@@ -284,24 +377,100 @@ def repair(engine: Engine, consumer: Consumer, *, hold: float = 5.0, batch: int 
     return total
 
 
+def _repair_behind(
+    engine: Engine,
+    consumer: Consumer,
+    query: Any,
+    keys: dict[str, Any],
+    settled_before: datetime,
+    total: Tally,
+) -> None:
+    """Apply what the consumer misses of the orders ``query`` finds between ``keys``."""
+    # Found without the checkpoint's lock (the feed goes on meanwhile); the positions
+    # are read again under the lock by _deliver.
+    with engine.connect() as conn:
+        behind = dict(
+            conn.execute(
+                query, {**keys, "consumer": consumer.name, "settled_before": settled_before}
+            ).all()
+        )
+    if not behind:
+        return
+    with transaction(engine) as conn:
+        _lock_checkpoint(conn, consumer.name, wait=True)
+        rows = conn.execute(_LOG_OF, {"ids": list(behind)}).all()
+        missing = [Event(*row) for row in rows if row.seq > behind[row.order_id]]
+        tally = _deliver(conn, consumer, missing)
+    tally.count(consumer.name)
+    total.read += tally.read
+    total.applied += tally.applied
+    total.gaps += tally.moved  # not those the feed caught up with meanwhile
+    total.blocked += tally.blocked
+
+
+def _check_state(engine: Engine, name: str) -> Any:
+    """The consumer's row of ``consumer_checks`` (made when missing)."""
+    with engine.begin() as conn:
+        conn.execute(
+            insert(consumer_checks)
+            .values(consumer=name, updated_at=datetime.now(UTC))
+            .on_conflict_do_nothing()
+        )
+        return conn.execute(select(consumer_checks).where(_c.consumer == name)).one()
+
+
+def _save_check(engine: Engine, name: str, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(consumer_checks)
+            .where(_c.consumer == name)
+            .values(**values, updated_at=datetime.now(UTC))
+        )
+
+
 class CheckFailed(Exception):
     """The integrity check failed for some consumers (the others were checked)."""
 
 
+#: The key of the session lock one integrity check holds while it runs (two at once
+#: would only do the same work twice).
+CHECK_LOCK = 0x6F72_6465_7273_6368
+
+
 def check_all(
-    engine: Engine, consumers: Sequence[Consumer], *, hold: float = 5.0
+    engine: Engine,
+    consumers: Sequence[Consumer],
+    *,
+    hold: float = 5.0,
+    margin: float = 300.0,
+    rows: int = 20_000,
+    sweep_rows: int = 2_000,
 ) -> dict[str, int]:
-    """The integrity check of every consumer; one failing (its cache down, say) does not
-    keep the others from being repaired. Returns the events applied per consumer; raises
-    CheckFailed, after checking the others, when some failed."""
+    """The integrity check of every consumer (see ``repair``); one failing (its cache
+    down, say) does not keep the others from being repaired. Returns the events applied
+    per consumer (nothing while another check runs); raises CheckFailed, after checking
+    the others, when some failed."""
     applied: dict[str, int] = {}
     failed: list[str] = []
-    for consumer in consumers:
+    with engine.connect() as lock:
+        # A session lock, not a transaction: nothing is held open while the check runs.
+        held = lock.execute(select(func.pg_try_advisory_lock(CHECK_LOCK))).scalar()
+        lock.commit()
+        if not held:
+            logger.info("integrity check: another one is running")
+            return applied
         try:
-            applied[consumer.name] = repair(engine, consumer, hold=hold).applied
-        except Exception:
-            logger.exception("integrity check of %s failed", consumer.name)
-            failed.append(consumer.name)
+            for consumer in consumers:
+                try:
+                    applied[consumer.name] = repair(
+                        engine, consumer, hold=hold, margin=margin, rows=rows, sweep_rows=sweep_rows
+                    ).applied
+                except Exception:
+                    logger.exception("integrity check of %s failed", consumer.name)
+                    failed.append(consumer.name)
+        finally:
+            lock.execute(select(func.pg_advisory_unlock(CHECK_LOCK)))
+            lock.commit()
     if failed:
         raise CheckFailed(f"integrity check failed for {', '.join(failed)}; applied {applied}")
     return applied

@@ -93,6 +93,8 @@ orders = Table(
     CheckConstraint("total >= 0", name="total_not_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
     Index("ix_orders_customer_created", "customer_id", "created_at"),
+    #: Orders by when they last changed: the events integrity check's recent window.
+    Index("ix_orders_updated", "updated_at", "id"),
     #: Orders still in flight, by customer (a small part of all orders).
     Index(
         "ix_orders_active_customer",
@@ -190,6 +192,26 @@ consumer_positions = Table(
     Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
     Column("last_seq", Integer, nullable=False),
     PrimaryKeyConstraint("consumer", "order_id"),
+)
+
+#: Where each consumer's integrity check is (orders.events.repair): the pass over recently
+#: changed orders under way, the last one finished, and the slow sweep of all orders.
+consumer_checks = Table(
+    "consumer_checks",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    #: The end of the last finished pass: the next one starts a margin before it.
+    Column("checked_until", DateTime(timezone=True)),
+    #: The end of the pass under way (None: none is).
+    Column("pass_until", DateTime(timezone=True)),
+    #: The last order the pass under way looked at, by (updated_at, id).
+    Column("cursor_at", DateTime(timezone=True)),
+    Column("cursor_id", Uuid),
+    #: The last order the sweep looked at, by id (None: it starts over).
+    Column("swept_after", Uuid),
+    #: When the sweep last went round every order.
+    Column("swept_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 #: A read model kept by a consumer of the events: each customer's orders at a glance.

@@ -79,9 +79,17 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
 
     @app.task(shared=False, name=names.CHECK_EVENTS, base=base, retries=0, dead_letters=False)
     def check_events() -> dict[str, int]:
-        """The integrity check: every consumer's positions against the event log."""
-        hold = runtime.settings.events_hold_seconds
-        return check_all(runtime.engine, event_consumers(runtime.caches), hold=hold)
+        """The integrity check: consumers' positions against the event log, for the
+        orders changed recently and a batch of the sweep round all orders."""
+        settings = runtime.settings
+        return check_all(
+            runtime.engine,
+            event_consumers(runtime.caches),
+            hold=settings.events_hold_seconds,
+            margin=settings.events_check_margin_seconds,
+            rows=settings.events_check_rows,
+            sweep_rows=settings.events_sweep_rows,
+        )
 
     @app.task(shared=False, name=names.RETAIN, base=base, retries=0, dead_letters=False)
     def retain() -> dict[str, int]:
