@@ -14,17 +14,22 @@ class Lane(StrEnum):
 
     #: Interactive order sagas: never behind other work.
     SAGA = "saga"
-    #: Housekeeping (outbox relay, sweeper, batch coordination) and anything unrouted.
+    #: Short recovery work that must run on time (outbox relay, sweeper, batch
+    #: coordination) and anything unrouted.
     DEFAULT = "default"
+    #: Long periodic checks (the events integrity check): their own worker, so that a
+    #: slow run never holds up the relay or the sweeper.
+    HOUSEKEEPING = "housekeeping"
     #: Batch work (credit checks): the lowest priority, its own workers.
     BATCH = "batch"
 
 
 #: The queue of each lane unless the settings name another (SAGA_LANE, DEFAULT_LANE,
-#: BATCH_LANE).
+#: BATCH_LANE, HOUSEKEEPING_LANE).
 SAGA_QUEUE = "saga.high"
 DEFAULT_QUEUE = "default"
 BATCH_QUEUE = "batch.low"
+HOUSEKEEPING_QUEUE = "housekeeping"
 
 #: Saga step: reserve the order's stock (chord header member).
 RESERVE_STOCK = "saga.order.reserve_stock"
@@ -65,7 +70,7 @@ ROUTES: dict[str, Lane] = {
     COMPLETE_ORDER: Lane.SAGA,
     RELAY_OUTBOX: Lane.DEFAULT,
     SWEEP_SAGAS: Lane.DEFAULT,
-    CHECK_EVENTS: Lane.DEFAULT,
+    CHECK_EVENTS: Lane.HOUSEKEEPING,
     SWEEP_BATCH_RUNS: Lane.DEFAULT,
     RETAIN: Lane.DEFAULT,
     START_CREDIT_CHECK: Lane.DEFAULT,

@@ -57,6 +57,7 @@ class Settings:
     saga_queue: str = names.SAGA_QUEUE
     default_queue: str = names.DEFAULT_QUEUE
     batch_queue: str = names.BATCH_QUEUE
+    housekeeping_queue: str = names.HOUSEKEEPING_QUEUE
     #: Largest request body the API reads, in bytes (413 above).
     max_body_bytes: int = 64 * 1024
     #: Most lines one order may have (422 above).
@@ -208,12 +209,13 @@ class Settings:
             names.Lane.SAGA: self.saga_queue,
             names.Lane.DEFAULT: self.default_queue,
             names.Lane.BATCH: self.batch_queue,
+            names.Lane.HOUSEKEEPING: self.housekeeping_queue,
         }[lane]
 
     @property
     def queues(self) -> tuple[str, ...]:
         """Every lane's queue."""
-        return (self.saga_queue, self.default_queue, self.batch_queue)
+        return (self.saga_queue, self.default_queue, self.batch_queue, self.housekeeping_queue)
 
     def __post_init__(self) -> None:
         """Refuse settings that are malformed or unsafe for the environment."""
@@ -260,7 +262,9 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         if len(set(self.queues)) != len(self.queues):
-            raise ConfigError("SAGA_LANE, DEFAULT_LANE and BATCH_LANE must be distinct queues")
+            raise ConfigError(
+                "SAGA_LANE, DEFAULT_LANE, BATCH_LANE and HOUSEKEEPING_LANE must be distinct queues"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in (
@@ -380,6 +384,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         saga_queue=env.get("SAGA_LANE") or d.saga_queue,
         default_queue=env.get("DEFAULT_LANE") or d.default_queue,
         batch_queue=env.get("BATCH_LANE") or d.batch_queue,
+        housekeeping_queue=env.get("HOUSEKEEPING_LANE") or d.housekeeping_queue,
         max_body_bytes=_number(env, "MAX_BODY_BYTES", int, d.max_body_bytes),
         max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
         max_line_quantity=_number(env, "MAX_LINE_QUANTITY", int, d.max_line_quantity),

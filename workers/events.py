@@ -4,7 +4,7 @@ Applies new order events to the caches and to the customer order summaries, a ba
 time, each consumer in its own transactions (one failing does not hold the other up).
 One process per deployment is enough; a second one idles (a consumer's checkpoint row is
 locked while it works) and takes over when the first stops. Beat runs the integrity
-check (``housekeeping.check_events``) for what the feed missed.
+check (``housekeeping.check_events``, on the housekeeping lane) for what the feed missed.
 """
 
 from __future__ import annotations

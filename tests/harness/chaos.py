@@ -176,6 +176,7 @@ class Cluster:
                         for n in range(1, self.plan.worker_nodes + 1)
                     ),
                     WorkerSpec("worker-lanes", "default,batch.low", concurrency=1),
+                    WorkerSpec("worker-housekeeping", "housekeeping", concurrency=1),
                 ]
                 if self.plan.lanes_apart
                 else None

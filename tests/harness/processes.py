@@ -117,7 +117,7 @@ class WorkerSpec:
     nice: int = 0
 
 
-ALL_LANES = "saga.high,default,batch.low"
+ALL_LANES = "saga.high,default,batch.low,housekeeping"
 
 
 @dataclass

@@ -40,7 +40,12 @@ def test_routes_every_saga_task_to_the_saga_lane() -> None:
 
 def test_lanes_take_the_queue_names_the_settings_give() -> None:
     config = celery_config(Settings(saga_queue="orders.fast", batch_queue="orders.slow"))
-    assert {q.name for q in config["task_queues"]} == {"orders.fast", "default", "orders.slow"}
+    assert {q.name for q in config["task_queues"]} == {
+        "orders.fast",
+        "default",
+        "orders.slow",
+        "housekeeping",
+    }
     assert config["task_routes"][names.RESERVE_STOCK] == {"queue": "orders.fast"}
 
 
@@ -61,8 +66,12 @@ def test_the_consumer_keeps_what_it_cannot_run_as_dead_letters() -> None:
     assert CONFIG["worker_consumer"] == "workers.consumer:DeadLetteringConsumer"
 
 
-def test_beat_runs_the_event_consumers_integrity_check_on_the_default_lane() -> None:
+def test_beat_runs_the_event_consumers_integrity_check_on_a_lane_of_its_own() -> None:
     config = celery_config(Settings(events_check_every_seconds=30))
     entry = config["beat_schedule"]["check-events"]
     assert (entry["task"], entry["schedule"]) == (names.CHECK_EVENTS, 30)
-    assert config["task_routes"][names.CHECK_EVENTS] == {"queue": "default"}
+    assert config["task_routes"][names.CHECK_EVENTS] == {"queue": "housekeeping"}
+    # The relay and the sweeper never queue behind it.
+    for task in (names.RELAY_OUTBOX, names.SWEEP_SAGAS):
+        assert config["task_routes"][task] == {"queue": "default"}
+    assert "housekeeping" in {queue.name for queue in config["task_queues"]}

@@ -30,6 +30,7 @@ APP_SERVICES = (
     "worker-saga",
     "worker-default",
     "worker-batch",
+    "worker-housekeeping",
     "events",
     "beat",
     "flower",
@@ -75,6 +76,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "worker-saga",
         "worker-default",
         "worker-batch",
+        "worker-housekeeping",
         "events",
         "beat",
         "flower",
@@ -92,6 +94,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "worker-saga",
         "worker-default",
         "worker-batch",
+        "worker-housekeeping",
         "events",
         "beat",
         "flower",
@@ -119,6 +122,7 @@ def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower()
         "worker_saga",
         "worker_default",
         "worker_batch",
+        "worker_housekeeping",
         "events",
         "beat",
         "flower",
@@ -128,7 +132,16 @@ def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower()
     assert "-Q ${SAGA_LANE:-saga.high}" in lines["worker_saga"]
     assert "-Q ${DEFAULT_LANE:-default}" in lines["worker_default"]
     assert "nice -n 10 celery" in lines["worker_batch"]  # batch yields the CPU
-    for name in ("worker_saga", "worker_default", "worker_batch", "beat", "flower"):
+    # The long checks have a worker of their own, never ahead of the relay.
+    assert "-Q ${HOUSEKEEPING_LANE:-housekeeping}" in lines["worker_housekeeping"]
+    for name in (
+        "worker_saga",
+        "worker_default",
+        "worker_batch",
+        "worker_housekeeping",
+        "beat",
+        "flower",
+    ):
         assert "celery -A workers.app" in lines[name]
     assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in lines["flower"]
     # Flower reads its password from FLOWER_BASIC_AUTH, required, never from argv.
