@@ -96,9 +96,9 @@ _SAGAS = text(
          LIMIT :n
            FOR UPDATE OF s SKIP LOCKED
     ), steps AS (
-        DELETE FROM saga_steps WHERE saga_id IN (SELECT id FROM doomed) RETURNING 1
+        DELETE FROM saga_steps WHERE saga_id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     ), gone AS (
-        DELETE FROM sagas WHERE id IN (SELECT id FROM doomed) RETURNING 1
+        DELETE FROM sagas WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM steps)
     """
@@ -107,7 +107,7 @@ _SAGAS = text(
 _IDEMPOTENCY_KEYS = text(
     """
     WITH doomed AS (
-        SELECT k.client, k.key FROM idempotency_keys k
+        SELECT k.ctid FROM idempotency_keys k
          WHERE k.created_at < :cutoff
            AND NOT EXISTS (SELECT 1 FROM orders o
                             WHERE o.id = k.order_id AND o.status NOT IN ('CONFIRMED', 'CANCELLED'))
@@ -115,9 +115,7 @@ _IDEMPOTENCY_KEYS = text(
          LIMIT :n
            FOR UPDATE OF k SKIP LOCKED
     ), gone AS (
-        DELETE FROM idempotency_keys k USING doomed d
-         WHERE k.client = d.client AND k.key = d.key
-        RETURNING 1
+        DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone), 0
     """
@@ -142,7 +140,7 @@ _DEAD_LETTERS = text(
          LIMIT :n
            FOR UPDATE OF d SKIP LOCKED
     ), gone AS (
-        DELETE FROM dead_letters x USING doomed WHERE x.id = doomed.id RETURNING 1
+        DELETE FROM dead_letters WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone), 0
     """
@@ -157,9 +155,9 @@ _BATCH_RUNS = text(
          LIMIT :n
            FOR UPDATE SKIP LOCKED
     ), chunks AS (
-        DELETE FROM batch_chunks WHERE run_id IN (SELECT id FROM doomed) RETURNING 1
+        DELETE FROM batch_chunks WHERE run_id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     ), gone AS (
-        DELETE FROM batch_runs WHERE id IN (SELECT id FROM doomed) RETURNING 1
+        DELETE FROM batch_runs WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM chunks)
     """
@@ -178,14 +176,12 @@ _EVENTS = text(
     ), doomed AS (
         SELECT s.id FROM span s JOIN orders o ON o.id = s.order_id
          WHERE s.occurred_at < :cutoff AND o.status IN ('CONFIRMED', 'CANCELLED')
-           AND NOT EXISTS (
-               SELECT 1 FROM unnest(CAST(:consumers AS text[])) AS c(name)
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM consumer_positions p
-                     WHERE p.consumer = c.name AND p.order_id = s.order_id
-                       AND p.last_seq >= s.seq))
+           AND (SELECT count(*) FROM consumer_positions p
+                 WHERE p.consumer = ANY(CAST(:consumers AS text[]))
+                   AND p.order_id = s.order_id AND p.last_seq >= s.seq)
+               = cardinality(CAST(:consumers AS text[]))
     ), gone AS (
-        DELETE FROM order_events e USING doomed d WHERE e.id = d.id RETURNING 1
+        DELETE FROM order_events WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone),
            (SELECT count(*) FROM span),
