@@ -53,4 +53,4 @@ def test_beat_runs_the_retention_job_in_its_lane_every_interval() -> None:
     entry = celery_config(settings)["beat_schedule"]["retention"]
     assert entry["task"] == names.RETAIN and entry["schedule"] == 120
     assert entry["options"]["expires"] == 240  # a run that waited two periods is dropped
-    assert names.ROUTES[names.RETAIN] == names.Lane.DEFAULT
+    assert names.ROUTES[names.RETAIN] == names.Lane.HOUSEKEEPING
