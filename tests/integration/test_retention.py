@@ -17,6 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import Connection, Engine, func, insert, select, text
 
+from config import names
+from config.celeryconf import celery_config
 from config.settings import Settings
 from orders import events, services
 from orders.api import create_app
@@ -31,6 +33,7 @@ from sagas.timeline import SqlTimeline
 from tests.conftest import API_KEY
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product
+from workers.celery_app import create_celery
 from workers.retention import RetentionPolicy, run_retention
 from workers.tables import batch_chunks, batch_runs, dead_letters
 
@@ -373,3 +376,19 @@ def test_a_run_removes_at_most_its_budget_and_the_next_run_goes_on(
     assert run_retention(engine, small, [])["idempotency_keys"] == 1
     assert left() == 0
     assert run_retention(engine, small, []).get("idempotency_keys", 0) == 0
+
+
+def test_the_workers_task_runs_the_job_on_the_housekeeping_lane(
+    settings: Settings, engine: Engine, owner_engine: Engine
+) -> None:
+    placed = place(engine)
+    age(owner_engine, placed, timedelta(days=2))
+    config = celery_config(settings)
+    assert config["task_routes"][names.RETAIN] == {"queue": settings.housekeeping_queue}
+    app = create_celery(replace(settings, cache_url=None))
+
+    removed = app.tasks[names.RETAIN]()  # as a worker runs it: its own engine, as orders_app
+
+    assert removed["idempotency_keys"] >= 1
+    assert remains(engine, placed)["idempotency_keys"] == 0
+    assert remains(engine, placed)["sagas"] == 1  # two days old: within its 30 days
