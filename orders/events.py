@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from prometheus_client import Counter
-from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, tuple_, update
+from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from orders.db import transaction
@@ -148,17 +148,20 @@ _RECENT_PAGE = (
 _SWEEP_PAGE = (
     select(_o.id).where(_o.id > bindparam("after_id")).order_by(_o.id).limit(bindparam("n"))
 )
+#: An order's position, one index probe per order (LIMIT keeps the planner from turning
+#: it into a join that reads every position of the consumer).
+_position = (
+    select(_p.last_seq)
+    .where(_p.consumer == bindparam("consumer"), _p.order_id == _o.id)
+    .limit(1)
+    .lateral("known")
+)
 #: Orders behind the consumer's positions among those after one key and up to another:
 #: by (updated_at, id) in a pass over recent changes, by id in the sweep.
 _BEHIND = (
-    select(_o.id, func.coalesce(_p.last_seq, 0).label("position"))
-    .select_from(
-        orders.outerjoin(
-            consumer_positions,
-            (_p.order_id == _o.id) & (_p.consumer == bindparam("consumer")),
-        )
-    )
-    .where(_o.version > func.coalesce(_p.last_seq, 0))
+    select(_o.id, func.coalesce(_position.c.last_seq, 0).label("position"))
+    .select_from(orders.outerjoin(_position, true()))
+    .where(_o.version > func.coalesce(_position.c.last_seq, 0))
     .where(_o.updated_at < bindparam("settled_before"))
 )
 _RECENT_BEHIND = _BEHIND.where(operator.gt(*_by_change("after"))).where(

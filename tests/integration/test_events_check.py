@@ -176,7 +176,7 @@ def statements_of(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
 
 def orders_visited(engine: Engine, sent: list[tuple[str, Any]]) -> int:
     """Rows of ``orders`` the statements read, by their plans run again; none may read
-    the whole table."""
+    all of ``orders`` or of ``consumer_positions``."""
     visited = 0
     with engine.connect() as conn:
         for statement, parameters in sent:
@@ -185,9 +185,11 @@ def orders_visited(engine: Engine, sent: list[tuple[str, Any]]) -> int:
             ).scalar_one()
             plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
             for node in _nodes(plan):
-                if node.get("Relation Name") != "orders":
+                if node.get("Relation Name") not in ("orders", "consumer_positions"):
                     continue
                 assert node["Node Type"] != "Seq Scan", statement
+                if node["Relation Name"] != "orders":
+                    continue
                 read = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
                 visited += read * node["Actual Loops"]
         conn.rollback()
