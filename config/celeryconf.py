@@ -71,6 +71,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # Undecodable messages and unknown tasks become dead letters (workers.consumer).
         "worker_consumer": "workers.consumer:DeadLetteringConsumer",
+        # Beat fails over (workers.beat): any number of beats, one sends at a time. The
+        # schedule and its lock live in the broker's Redis (noeviction: never evicted).
+        "beat_scheduler": "workers.beat:FailoverScheduler",
+        # The active beat extends its lock every tick, at least this often; a standby
+        # tries to take it this often.
+        "beat_max_loop_interval": settings.beat_lock_timeout_seconds / 5,
+        "redbeat_redis_url": settings.broker_url,
+        "redbeat_redis_options": {
+            "socket_connect_timeout": 5,
+            "socket_timeout": max(1.0, settings.beat_lock_timeout_seconds / 2),
+            "health_check_interval": 10,
+        },
+        "redbeat_key_prefix": "redbeat:",
+        "redbeat_lock_timeout": settings.beat_lock_timeout_seconds,
         "beat_schedule": {
             "relay-outbox": {
                 "task": names.RELAY_OUTBOX,

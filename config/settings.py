@@ -105,6 +105,9 @@ class Settings:
     outbox_grace_seconds: float = 2.0
     #: How often beat runs the outbox relay.
     relay_interval_seconds: float = 1.0
+    #: Beat's lock in Redis lives this long unless the active beat extends it (every
+    #: tick); a standby beat takes over within about this long after the active one died.
+    beat_lock_timeout_seconds: int = 10
     #: Seconds before Redis hands an unacknowledged message to another worker.
     visibility_timeout: int = 300
     #: Hard time limit of one task; kept well below the visibility timeout.
@@ -232,6 +235,7 @@ class Settings:
             "db_lock_timeout_seconds",
             "db_idle_in_transaction_seconds",
             "batch_sweep_interval_seconds",
+            "beat_lock_timeout_seconds",
             "batch_publish_grace_seconds",
             "batch_stall_seconds",
         ):
@@ -424,6 +428,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         outbox_grace_seconds=_number(env, "OUTBOX_GRACE_SECONDS", float, d.outbox_grace_seconds),
         relay_interval_seconds=_number(
             env, "RELAY_INTERVAL_SECONDS", float, d.relay_interval_seconds
+        ),
+        beat_lock_timeout_seconds=_number(
+            env, "BEAT_LOCK_TIMEOUT_SECONDS", int, d.beat_lock_timeout_seconds
         ),
         visibility_timeout=_number(env, "VISIBILITY_TIMEOUT", int, d.visibility_timeout),
         task_time_limit=_number(env, "TASK_TIME_LIMIT", int, d.task_time_limit),

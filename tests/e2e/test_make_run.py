@@ -354,7 +354,6 @@ def test_make_run_keeps_its_database_files_and_secrets_from_other_local_users(
         run_dir / "pg.log",
         run_dir / "redis" / "redis.log",
         aof,
-        run_dir / "celerybeat-schedule",
     ):
         result = as_nobody("cat", str(path))
         assert result.returncode != 0 and "Permission denied" in result.stderr, path

@@ -224,6 +224,9 @@ def test_two_beats_start_one_run_per_tick(ops: tuple[Stack, Celery], engine: Eng
                 "-A",
                 "workers.app",
                 "beat",
+                # Each with a schedule of its own and no lock: even then, one run a tick.
+                "-S",
+                "celery.beat:PersistentScheduler",
                 "-s",
                 str(stack.log_dir / f"beats-{n}"),
                 "-l",
