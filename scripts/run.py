@@ -93,7 +93,7 @@ def main() -> int:
 
 def _run() -> int:
     # Whatever this process and its children create is theirs alone: the servers'
-    # data and logs, the broker's append-only file (sagas' payloads), beat's schedule.
+    # data and logs, the broker's append-only file (sagas' payloads), the keys file.
     os.umask(0o077)
     private_dir(RUN_DIR)
     keys = _secrets()
