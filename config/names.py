@@ -17,8 +17,8 @@ class Lane(StrEnum):
     #: Short recovery work that must run on time (outbox relay, sweeper, batch
     #: coordination) and anything unrouted.
     DEFAULT = "default"
-    #: Long periodic checks (the events integrity check): their own worker, so that a
-    #: slow run never holds up the relay or the sweeper.
+    #: Long periodic work (the events integrity check, retention), each run bounded:
+    #: their own worker, so that a slow run never holds up the relay or the sweeper.
     HOUSEKEEPING = "housekeeping"
     #: Batch work (credit checks): the lowest priority, its own workers.
     BATCH = "batch"
