@@ -224,6 +224,7 @@ class Bench:
                 WorkerSpec("worker-saga", "saga.high", self.worker_concurrency),
                 WorkerSpec("worker-default", "default", 1),
                 WorkerSpec("worker-batch", "batch.low", 1, nice=10),
+                WorkerSpec("worker-housekeeping", "housekeeping", 1, nice=10),
             ],
             # The API sends sagas as SAGA_JOIN says; the bare chord is always a chord.
             extra_env={"BENCH_TASKS": "1", "SAGA_JOIN": self.saga_join, **self.extra_env},
