@@ -10,6 +10,7 @@ process group and peak memory; the highest rate each sustains with p99 under 1 s
 their ratio. The report goes to bench/results/report.md with a plot, latency.png.
 
     python -m bench.run [--duration 15] [--rates 50,100,...] [--concurrency 3] [--out DIR]
+    python -m bench.run --only saga --scaling 1,2,3   # the scaling curve, no report
 """
 
 from __future__ import annotations
@@ -105,7 +106,24 @@ class Processes:
         """The stack's processes: api, worker, events, beat, postgres, redis, and this one."""
         found: dict[str, list[psutil.Process]] = {}
         me = psutil.Process()
-        for proc in psutil.process_iter(["cmdline", "name"]):
+        procs = list(psutil.process_iter(["cmdline", "name", "ppid"]))
+        parent = {proc.pid: proc.info["ppid"] for proc in procs}
+        # Only this stack's processes (a shared machine runs other stacks): those this
+        # process started, and PostgreSQL's, whose postmaster names the stack's directory.
+        roots = {me.pid} | {p.pid for p in procs if self.base in " ".join(p.info["cmdline"] or [])}
+
+        def ours(pid: int) -> bool:
+            for _ in range(64):
+                if pid in roots:
+                    return True
+                if pid not in parent or pid <= 1:
+                    return False
+                pid = parent[pid]
+            return False
+
+        for proc in procs:
+            if not ours(proc.pid):
+                continue
             cmd = " ".join(proc.info["cmdline"] or [])
             if "gunicorn" in cmd:
                 group = "api"
@@ -373,6 +391,46 @@ def climb(
     return levels
 
 
+def scaling_curve(
+    concurrencies: list[int], rates: list[float], args: argparse.Namespace
+) -> list[tuple[int, Level | None]]:
+    """The order saga's ladder on a fresh stack per saga worker concurrency; prints one
+    line per concurrency: its highest sustained rate and that level's costs."""
+    curve: list[tuple[int, Level | None]] = []
+    for concurrency in concurrencies:
+        with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
+            bench = Bench(
+                Path(base), concurrency, events=not args.no_events, saga_join=args.saga_join
+            )
+            try:
+                bench.start()
+                print(f"scaling: saga worker -c {concurrency}", flush=True)
+                load = psutil.getloadavg()[0]
+                saga: dict[str, Callable[[float, float], Level]] = {"saga": bench.sagas}
+                levels = climb(bench, saga, rates, args.duration, print)["saga"]
+            finally:
+                bench.stop()
+        # The machine may be shared: its load says how far to trust the line.
+        print(f"scaling: load average {load:.1f} before, {psutil.getloadavg()[0]:.1f} after")
+        best = next((lv for lv in reversed(levels) if lv.sustained), None)
+        curve.append((concurrency, best))
+        if best is None:
+            print(f"scaling: -c {concurrency}: no rate sustained", flush=True)
+            continue
+        cpu = ", ".join(f"{g} {ms:.2f}" for g, ms in sorted(best.cpu_ms.items()))
+        rss = ", ".join(f"{g} {mb:.0f}" for g, mb in sorted(best.peak_rss_mb.items()))
+        print(
+            f"scaling: -c {concurrency}: sustained {best.rate:.0f}/s "
+            f"(p50 {quantile(best.latencies, 0.5) * 1000:.1f} ms, "
+            f"p99 {quantile(best.latencies, 0.99) * 1000:.1f} ms); "
+            f"CPU ms per saga {sum(best.cpu_ms.values()):.1f} ({cpu}); "
+            f"Redis commands {best.redis_commands:.1f}, PG transactions "
+            f"{best.db_transactions:.2f} per saga; peak MiB: {rss}",
+            flush=True,
+        )
+    return curve
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -383,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=3,
         help="saga worker pool processes (the Procfile's SAGA_CONCURRENCY)",
+    )
+    parser.add_argument(
+        "--scaling",
+        metavar="C1,C2,...",
+        help="measure the saga on a fresh stack per saga worker concurrency (e.g. 1,2,3) "
+        "and print the highest sustained rate of each; writes no report",
     )
     parser.add_argument(
         "--no-events",
@@ -399,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
+    if args.scaling:
+        scaling_curve([int(c) for c in args.scaling.split(",")], rates, args)
+        return 0
     with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
         bench = Bench(
             Path(base), args.concurrency, events=not args.no_events, saga_join=args.saga_join
