@@ -16,7 +16,10 @@ their ratio. The report goes to bench/results/report.md with a plot, latency.png
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import random
+import re
 import secrets
 import tempfile
 import threading
@@ -30,6 +33,7 @@ import psutil
 from redis import Redis
 from sqlalchemy import insert, text
 
+from bench.history import Loaded, load_history
 from bench.httpload import post_json, run_load
 from bench.report import write_report
 from config import names
@@ -263,6 +267,10 @@ class Bench:
         self.redis.stop()
         self.postgres.stop()
 
+    def log_sizes(self) -> dict[Path, int]:
+        """How far each worker's log has got (where a run's lines begin or end)."""
+        return {path: path.stat().st_size for path in (self.base / "logs").glob("worker*.log")}
+
     def _counters(self) -> tuple[float, float]:
         commands = float(self.broker.info("stats")["total_commands_processed"])
         with self.engine.connect() as conn:
@@ -431,6 +439,133 @@ def scaling_curve(
     return curve
 
 
+#: A worker's line for a task that finished: its name and how long it took.
+_SUCCEEDED = re.compile(r"Task ([\w.]+)\[[^\]]+\] succeeded in ([0-9.eE+-]+)s")
+
+
+def periodic_durations(before: dict[Path, int], after: dict[Path, int]) -> dict[str, list[float]]:
+    """Seconds each run of a periodic job took between two points of the workers' logs
+    (every task but the saga's own and the benchmark's no-ops)."""
+    found: dict[str, list[float]] = {}
+    for path, end in after.items():
+        with path.open("rb") as log:
+            log.seek(before.get(path, 0))
+            chunk = log.read(end - before.get(path, 0)).decode(errors="replace")
+        for task, seconds in _SUCCEEDED.findall(chunk):
+            if not task.startswith(("saga.", "bench.")):
+                found.setdefault(task, []).append(float(seconds))
+    return found
+
+
+@dataclass
+class HistoryRun:
+    """One run of the history comparison: the levels, the periodic jobs, the machine."""
+
+    label: str
+    levels: list[Level]
+    periodic: dict[str, list[float]]
+    #: The 1-minute load average before and after the run.
+    load: tuple[float, float]
+
+
+def measure_history_run(
+    bench: Bench, label: str, rates: list[float], duration: float, log: Callable[[str], None]
+) -> HistoryRun:
+    """The saga load at each rate, and what the periodic jobs did meanwhile."""
+    log(f"{label}:")
+    load_before, logs_before = os.getloadavg()[0], bench.log_sizes()
+    systems: dict[str, Callable[[float, float], Level]] = {"saga": bench.sagas}
+    levels = climb(bench, systems, rates, duration, log)["saga"]
+    periodic = periodic_durations(logs_before, bench.log_sizes())
+    return HistoryRun(label, levels, periodic, (load_before, os.getloadavg()[0]))
+
+
+def history_report(
+    out: Path, empty: HistoryRun, full: HistoryRun, loaded: Loaded, args: dict[str, object]
+) -> str:
+    """The two runs side by side (Markdown), written to ``out``/history.md."""
+
+    def ms(values: list[float], q: float) -> str:
+        return f"{quantile(values, q) * 1000:,.1f}"
+
+    def ratio(a: list[float], b: list[float], q: float) -> str:
+        base = quantile(a, q)
+        return f"{quantile(b, q) / base:.2f}x" if base > 0 else "-"
+
+    lines = [
+        f"# Cost with history ({datetime.date.today().isoformat()})",
+        "",
+        f"{loaded.describe()}.",
+        "",
+        f"Arguments: {', '.join(f'{k}={v}' for k, v in sorted(args.items()))}; "
+        f"{os.cpu_count()} CPUs; load average (1 min) before/after: "
+        f"empty {empty.load[0]:.2f}/{empty.load[1]:.2f}, "
+        f"history {full.load[0]:.2f}/{full.load[1]:.2f}.",
+        "",
+        "| rate | | empty | history | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for a, b in zip(empty.levels, full.levels, strict=False):
+        rows = (
+            ("POST p50 ms", a.post_latencies, b.post_latencies, 0.5),
+            ("POST p99 ms", a.post_latencies, b.post_latencies, 0.99),
+            ("saga p50 ms", a.latencies, b.latencies, 0.5),
+            ("saga p99 ms", a.latencies, b.latencies, 0.99),
+        )
+        for name, x, y, q in rows:
+            lines.append(
+                f"| {a.rate:.0f}/s | {name} | {ms(x, q)} | {ms(y, q)} | {ratio(x, y, q)} |"
+            )
+        lines.append(
+            f"| {a.rate:.0f}/s | done / offered (errors) | {a.completed}/{a.offered} ({a.errors}) "
+            f"| {b.completed}/{b.offered} ({b.errors}) | |"
+        )
+    lines += [
+        "",
+        'Periodic jobs during each run (the workers\' "succeeded in" lines): '
+        "runs, median and longest seconds.",
+        "",
+        "| job | empty | history |",
+        "|---|---|---|",
+    ]
+
+    def runs(durations: list[float]) -> str:
+        if not durations:
+            return "-"
+        return f"{len(durations)} x, {quantile(durations, 0.5):.3f} / {max(durations):.3f} s"
+
+    for task in sorted(set(empty.periodic) | set(full.periodic)):
+        lines.append(
+            f"| {task} | {runs(empty.periodic.get(task, []))} "
+            f"| {runs(full.periodic.get(task, []))} |"
+        )
+    report = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.md").write_text(report)
+    return report
+
+
+def run_history(bench: Bench, args: argparse.Namespace, rates: list[float]) -> str:
+    """The saga load on the empty database, the history, the same load again."""
+    # A first load warms the stack up (pools, caches, imports): not measured.
+    warm_up = min(15.0, args.duration)
+    print(f"warming up: {rates[0]:.0f}/s for {warm_up:.0f} s (not measured)", flush=True)
+    bench.sagas(rates[0], warm_up)
+    time.sleep(2)
+    empty = measure_history_run(bench, "empty database", rates, args.duration, print)
+    print(f"loading {args.history:,} past orders...", flush=True)
+    loaded = load_history(
+        bench.postgres.url(role="owner"),
+        args.history,
+        customers=CUSTOMERS,
+        products=PRODUCTS,
+        admin_url=bench.postgres.url(role="admin"),
+    )
+    print(loaded.describe(), flush=True)
+    full = measure_history_run(bench, f"{args.history:,} past orders", rates, args.duration, print)
+    return history_report(args.out, empty, full, loaded, vars(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -454,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run the worker without -E (no task events for Flower)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the saga load on the empty database, then with N past orders loaded",
+    )
     parser.add_argument("--only", choices=("bare", "saga"), help="measure one system only")
     parser.add_argument(
         "--saga-join",
@@ -468,10 +610,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
         bench = Bench(
-            Path(base), args.concurrency, events=not args.no_events, saga_join=args.saga_join
+            Path(base),
+            args.concurrency,
+            events=not args.no_events,
+            saga_join=args.saga_join,
+            # Every periodic job runs during a history run, the credit check included.
+            extra_env={"CREDIT_CHECK_EVERY_SECONDS": "60"} if args.history else None,
         )
         try:
             bench.start()
+            if args.history:
+                print(run_history(bench, args, rates))
+                return 0
             print(
                 f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
                 f"{'' if args.no_events else ' -E'}, saga steps joined by {args.saga_join}",
