@@ -22,6 +22,7 @@ from config.celeryconf import celery_config
 from config.settings import Settings
 from orders import events, services
 from orders.api import create_app
+from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.events import Event
 from orders.projections import CustomerSummaries
@@ -30,7 +31,7 @@ from sagas import runner
 from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas.tables import saga_steps, sagas
 from sagas.timeline import SqlTimeline
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, Servers, migrate, register_test_keys
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product
 from workers.celery_app import create_celery
@@ -63,6 +64,38 @@ class Placed:
     saga_id: UUID
     customer: str
     key: str
+
+
+#: The module's own database: what retention removes is judged against the whole event
+#: feed, so the session's history (other tests' events) must not be in it.
+DATABASE = "orders_retention"
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, servers: Servers) -> Settings:
+    """The session's settings, on a database of this module's own."""
+    servers.postgres.create_database(DATABASE)
+    migrate(servers.postgres.url(DATABASE, role="owner"))
+    own = replace(settings, database_url=servers.postgres.url(DATABASE))
+    register_test_keys(own, servers.postgres.url(DATABASE, role="owner"))
+    return own
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings, application_name="orders-tests-retention")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def owner_engine(settings: Settings, servers: Servers) -> Iterator[Engine]:
+    engine = make_engine(
+        replace(settings, database_url=servers.postgres.url(DATABASE, role="owner")),
+        application_name="orders-tests-retention-owner",
+    )
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
