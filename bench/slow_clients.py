@@ -87,6 +87,17 @@ class SlowCounts:
     closed_by_server: int = 0
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response: its status and its body (by Content-Length)."""
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
+
+
 async def exchange(port: int, raw: bytes, timeout: float) -> tuple[int, bytes]:
     """Send one request on a fresh connection; return the status and body."""
 
@@ -95,13 +106,7 @@ async def exchange(port: int, raw: bytes, timeout: float) -> tuple[int, bytes]:
         try:
             writer.write(raw)
             await writer.drain()
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            return status, await reader.readexactly(length)
+            return await read_response(reader)
         finally:
             writer.close()
 
@@ -207,13 +212,7 @@ async def load(port: int, seconds: float, connections: int) -> tuple[int, int, l
             try:
                 writer.write(raw)
                 await writer.drain()
-                status = int((await reader.readline()).split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                status, _ = await read_response(reader)
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                 other += 1
                 writer.close()
