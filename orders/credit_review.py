@@ -4,29 +4,74 @@ For each customer: used + reserved against the limit (a limit lowered below what
 customer uses makes them over it), credit used against their confirmed orders, credit
 reserved against their open orders. The review is one read (one snapshot, so the
 figures and the orders agree in time) and one write of each customer's latest review.
+
+The review costs what changed since the customer's last review, not their history.
+Each review keeps a checkpoint (``credit_reviews.checkpoint_total``, ``checkpoint_at``):
+the sum of the customer's confirmed orders last changed before ``checkpoint_at``. The
+next review reads only the orders changed since (the index on ``orders(customer_id,
+updated_at)``), adds the confirmed ones to the checkpoint and compares that with
+``credit_used``: a ``credit_used`` changed by hand is still found, on every review. It
+then moves the checkpoint to ``MARGIN`` before its own time, never back: an order is
+stamped (``updated_at``) in the transaction that confirms it, which may commit a while
+later; one stamped within the margin before a review and committed after it is still
+ahead of the checkpoint, so the next review counts it (and counts it once). A
+transaction that commits more than ``MARGIN`` after its stamp would be missed until a
+full review. A customer without a checkpoint (their first review, or after
+``clear_checkpoints``: ``python -m workers.batch start --full``) has every order summed.
+
+Today an order leaves CONFIRMED never (CONFIRMED and CANCELLED are final). A transition
+out of CONFIRMED (a refund, issue #13) moves the order's ``updated_at`` as every
+transition does, so the review sees it again, and counts it by its current status; but
+the order is inside the checkpoint's sum, so the review must then subtract it (for
+instance orders refunded since the checkpoint whose confirmation was before it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, String, bindparam, func, select
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    String,
+    bindparam,
+    func,
+    literal_column,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orders.domain import OrderStatus
 from orders.tables import Total, credit_reviews, customers, orders
 
-_c, _o = customers.c, orders.c
-_confirmed = (
-    select(func.sum(_o.total))
+#: How long before a review its checkpoint is cut: longer than any transaction that
+#: confirms an order may take between stamping it and committing, clocks apart included.
+MARGIN = timedelta(hours=1)
+
+_c, _o, _v = customers.c, orders.c, credit_reviews.c
+_ids = bindparam("ids", type_=ARRAY(String))
+#: Where the customer's checkpoint is cut now: never before where it was.
+_cut = func.greatest(_v.checkpoint_at, bindparam("cut", type_=DateTime(timezone=True)))
+#: The customer's confirmed orders changed since the checkpoint (all of them without one),
+#: and those of them changed before the new cut.
+_since = (
+    select(
+        func.coalesce(func.sum(_o.total), 0).label("total"),
+        func.coalesce(func.sum(_o.total).filter(_o.updated_at < _cut), 0).label("settled"),
+    )
     .where(_o.customer_id == _c.id, _o.status == OrderStatus.CONFIRMED.value)
-    .scalar_subquery()
+    .where(
+        _o.updated_at >= func.coalesce(_v.checkpoint_at, literal_column("'-infinity'::timestamptz"))
+    )
+    .lateral("since")
 )
 _open = (
     select(func.sum(_o.total))
@@ -34,17 +79,29 @@ _open = (
     .where(_o.status.in_([OrderStatus.PENDING.value, OrderStatus.COMPENSATION_FAILED.value]))
     .scalar_subquery()
 )
+_base = func.coalesce(_v.checkpoint_total, 0)
 _READ = (
     select(
         _c.id,
         _c.credit_limit,
         _c.credit_used,
         _c.credit_reserved,
-        func.coalesce(_confirmed, 0).cast(Total).label("confirmed"),
+        (_base + _since.c.total).cast(Total).label("confirmed"),
         func.coalesce(_open, 0).cast(Total).label("open"),
+        _cut.label("checkpoint_at"),
+        (_base + _since.c.settled).cast(Total).label("checkpoint_total"),
     )
-    .where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
+    .select_from(customers.outerjoin(credit_reviews, _v.customer_id == _c.id).join(_since, true()))
+    .where(_c.id == func.any(_ids))
     .order_by(_c.id)
+)
+#: The chunk's earlier reviews, locked in id order: a review and ``clear_checkpoints``
+#: (or another review of the same customer) take turns on a checkpoint.
+_LOCK = (
+    select(_v.customer_id)
+    .where(_v.customer_id == func.any(_ids))
+    .order_by(_v.customer_id)
+    .with_for_update()
 )
 
 
@@ -80,10 +137,18 @@ def evaluate(row: Any) -> Review:
 
 
 def review_customers(
-    conn: Connection, customer_ids: Sequence[str], run_id: UUID, now: datetime
+    conn: Connection,
+    customer_ids: Sequence[str],
+    run_id: UUID,
+    now: datetime,
+    *,
+    margin: timedelta = MARGIN,
 ) -> list[Review]:
-    """Review these customers and keep each one's latest review; return the reviews."""
-    rows = conn.execute(_READ, {"ids": list(customer_ids)}).all()
+    """Review these customers and keep each one's latest review and checkpoint (cut
+    ``margin`` before ``now``); return the reviews."""
+    ids = list(customer_ids)
+    conn.execute(_LOCK, {"ids": ids})
+    rows = conn.execute(_READ, {"ids": ids, "cut": now - margin}).all()
     reviews = [evaluate(row) for row in rows]
     if not rows:
         return reviews
@@ -99,6 +164,8 @@ def review_customers(
             "inconsistent": review.inconsistent,
             "findings": list(review.findings),
             "reviewed_at": now,
+            "checkpoint_at": row.checkpoint_at,
+            "checkpoint_total": row.checkpoint_total,
         }
         for row, review in zip(rows, reviews, strict=True)
     ]
@@ -110,3 +177,22 @@ def review_customers(
         )
     )
     return reviews
+
+
+def clear_checkpoints(conn: Connection) -> int:
+    """Forget every customer's checkpoint: their next review sums all their orders (once;
+    it keeps a checkpoint again). Return how many were cleared. Rows are locked in id
+    order, as a review locks its chunk's, so the two wait for each other, never deadlock."""
+    locked = (
+        select(_v.customer_id)
+        .where(_v.checkpoint_at.is_not(None))
+        .order_by(_v.customer_id)
+        .with_for_update()
+        .scalar_subquery()
+    )
+    cleared = conn.execute(
+        update(credit_reviews)
+        .where(_v.customer_id.in_(locked))
+        .values(checkpoint_at=None, checkpoint_total=None)
+    )
+    return cleared.rowcount

@@ -95,6 +95,9 @@ orders = Table(
     Index("ix_orders_customer_created", "customer_id", "created_at"),
     #: Orders by when they last changed: the events integrity check's recent window.
     Index("ix_orders_updated", "updated_at", "id"),
+    #: A customer's orders by when they last changed: the credit review's orders since
+    #: its checkpoint.
+    Index("ix_orders_customer_updated", "customer_id", "updated_at"),
     #: Orders still in flight, by customer (a small part of all orders).
     Index(
         "ix_orders_active_customer",
@@ -168,6 +171,11 @@ credit_reviews = Table(
     Column("inconsistent", Boolean, nullable=False),
     Column("findings", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     Column("reviewed_at", DateTime(timezone=True), nullable=False),
+    #: The checkpoint of the customer's confirmed orders: the sum of those last changed
+    #: before ``checkpoint_at`` (the next review adds the ones changed since). None: the
+    #: next review sums every order (first review, or a full one was asked for).
+    Column("checkpoint_at", DateTime(timezone=True)),
+    Column("checkpoint_total", Total),
     Index(
         "ix_credit_reviews_flagged",
         "customer_id",
