@@ -2,6 +2,7 @@
 lane, with a run that records its progress and finishes even when chunks fail.
 
     python -m workers.batch start             start a run now (on demand)
+    python -m workers.batch start --full      a run that sums every customer's orders anew
     python -m workers.batch status RUN_ID     a run's progress
     python -m workers.batch list              the latest runs
 
@@ -38,7 +39,7 @@ from config import names
 from config.cli import ToolSettings
 from config.failpoints import failpoint
 from config.settings import Settings
-from orders.credit_review import review_customers
+from orders.credit_review import clear_checkpoints, review_customers
 from orders.tables import customers
 from workers import dlq
 from workers.tables import batch_chunks, batch_runs
@@ -436,7 +437,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m workers.batch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("start", help="start a credit check now")
+    start = commands.add_parser("start", help="start a credit check now")
+    start.add_argument(
+        "--full",
+        action="store_true",
+        help="forget the reviews' checkpoints first: every customer's orders are summed"
+        " again, not only those changed since their last review",
+    )
     commands.add_parser("status", help="a run's progress").add_argument("run_id", type=UUID)
     commands.add_parser("list", help="the latest runs")
     args = parser.parse_args(argv)
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(settings, application_name="orders-batch")
     try:
         if args.command == "start":
-            return _start_command(engine, create_celery(settings, publisher=True), tool)
+            app = create_celery(settings, publisher=True)
+            return _start_command(engine, app, tool, full=args.full)
         if args.command == "status":
             status = run_status(engine, args.run_id)
             if status is None:
@@ -464,8 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_command(engine: Engine, app: Celery, tool: ToolSettings) -> int:
-    """Start a run now; a broker lost while publishing leaves it to the batch sweep."""
+def _start_command(engine: Engine, app: Celery, tool: ToolSettings, *, full: bool) -> int:
+    """Start a run now (``full``: after forgetting the checkpoints); a broker lost while
+    publishing leaves it to the batch sweep."""
+    started: dict[str, Any] = {}
+    if full:
+        with engine.begin() as conn:
+            started["checkpoints_cleared"] = clear_checkpoints(conn)
     window = on_demand_window()
     try:
         run_id = start_run(engine, app, tool.settings, window=window)
@@ -485,7 +498,7 @@ def _start_command(engine: Engine, app: Celery, tool: ToolSettings) -> int:
                 file=sys.stderr,
             )
         return 1
-    print(json.dumps({"run_id": str(run_id)}))
+    print(json.dumps({"run_id": str(run_id), **started}))
     return 0
 
 
