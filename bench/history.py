@@ -121,7 +121,7 @@ _STEPS = [
     """,
     # Ids in time order: OrderPlaced, then the outcome 40 ms later.
     """
-    INSERT INTO order_events (order_id, seq, type, payload, occurred_at)
+    INSERT INTO order_events (order_id, seq, type, payload, occurred_at, placed_at)
     SELECT order_id, seq,
            CASE WHEN seq = 1 THEN CAST(:placed_event AS text)
                 WHEN status = CAST(:cancelled AS text)
@@ -131,7 +131,7 @@ _STEPS = [
                 WHEN status = CAST(:cancelled AS text)
                 THEN jsonb_build_object('reason', CAST(:out_of_stock AS text))
                 ELSE '{}'::jsonb END,
-           created_at + (seq - 1) * interval '40 milliseconds'
+           created_at + (seq - 1) * interval '40 milliseconds', created_at
     FROM history, generate_series(1, 2) AS seq
     ORDER BY n, seq
     """,

@@ -98,12 +98,14 @@ _lines_written = (
     .cte("lines_written")
 )
 _INSERT_ORDER = insert(order_events).from_select(
-    ["order_id", "seq", "type", "payload", "occurred_at"],
+    ["order_id", "seq", "type", "payload", "occurred_at", "placed_at"],
     select(
         _new_order.c.id,
         literal(1),
         literal(EventType.ORDER_PLACED.value),
         bindparam("placed", type_=JSONB),
+        bindparam("now"),
+        # The order's created_at: the events' partition key.
         bindparam("now"),
     ).add_cte(_lines_written),
 )
@@ -120,19 +122,22 @@ _moved = (
         cancel_reason=bindparam("cancel_reason"),
         problem=bindparam("problem"),
     )
-    .returning(_o.id, _o.version)
+    .returning(_o.id, _o.version, _o.created_at)
     .cte("moved")
 )
 _MOVE = (
     insert(order_events)
     .from_select(
-        ["order_id", "seq", "type", "payload", "occurred_at"],
+        ["order_id", "seq", "type", "payload", "occurred_at", "placed_at"],
         select(
             _moved.c.id,
             _moved.c.version,
             bindparam("event"),
             bindparam("payload", type_=JSONB),
             bindparam("now"),
+            # The events' partition key: the same for every event of the order, so
+            # the primary key (order_id, seq, placed_at) still refuses a duplicate seq.
+            _moved.c.created_at,
         ),
     )
     .returning(_e.seq)

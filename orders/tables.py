@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
     text,
 )
@@ -119,19 +120,35 @@ order_lines = Table(
     CheckConstraint("unit_price >= 0", name="price_not_negative"),
 )
 
+#: The order events, partitioned by the month their order was placed in (migration
+#: 0016): an old month goes whole (workers.partitions), and a unique key must hold the
+#: partition key, which ``placed_at``, fixed per order, does without weakening it.
 order_events = Table(
     "order_events",
     metadata,
     #: The order appends happened in, across orders: the consumers' feed.
-    Column("id", BigInteger, Identity(), nullable=False, unique=True),
+    Column("id", BigInteger, Identity(), nullable=False),
     Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
     #: 1, 2, 3... per order, with no gap: the primary key refuses a duplicate.
     Column("seq", Integer, nullable=False),
     Column("type", String(64), nullable=False),
     Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
-    PrimaryKeyConstraint("order_id", "seq"),
+    #: The order's ``created_at``, copied by every append: the partition key.
+    Column("placed_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("order_id", "seq", "placed_at"),
+    UniqueConstraint("id", "placed_at"),
     CheckConstraint("seq >= 1", name="seq_positive"),
+    postgresql_partition_by="RANGE (placed_at)",
+)
+
+#: Where a retention scan stopped (workers.retention): the next run goes on from there.
+retention_cursors = Table(
+    "retention_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 idempotency_keys = Table(

@@ -52,8 +52,8 @@ def add_history(owner_engine: Engine, customer: str, count: int) -> None:
                            now() - interval '30 days' - g * interval '1 second'
                       FROM generate_series(1, :count) AS g
                     RETURNING id, created_at)
-                INSERT INTO order_events (order_id, seq, type, payload, occurred_at)
-                SELECT id, 1, 'OrderPlaced', '{}', created_at FROM made
+                INSERT INTO order_events (order_id, seq, type, payload, occurred_at, placed_at)
+                SELECT id, 1, 'OrderPlaced', '{}', created_at, created_at FROM made
                 """
             ),
             {"customer": customer, "count": count},
