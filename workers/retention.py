@@ -38,9 +38,10 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, TextClause, select, text
+from sqlalchemy.dialects.postgresql import insert
 
 from config.settings import Settings
-from orders.tables import consumer_checkpoints
+from orders.tables import consumer_checkpoints, retention_cursors
 
 logger = logging.getLogger(__name__)
 
@@ -163,25 +164,32 @@ _BATCH_RUNS = text(
     """
 )
 
-# Events are read in feed order (the id's index), a span at a time, from the oldest up
-# to the lowest checkpoint; of a span, those old enough, of a final order and applied
-# by every consumer go. Ids grow with time: a span ending in a recent event is the last.
+# Events are read in feed order (the id's index), a span at a time, from where the last
+# run stopped (``retention_cursors``) up to the lowest checkpoint; of a span, those old
+# enough, of a final order and applied by every consumer go. Ids grow with time: a span
+# ending in a recent event is the last, and the next run starts again from the lowest id.
+# The bounds of the doomed events' ``placed_at`` let the delete skip the partitions (the
+# months) none of them is in.
 _EVENTS = text(
     """
     WITH span AS (
-        SELECT id, order_id, seq, occurred_at FROM order_events
+        SELECT id, order_id, seq, occurred_at, placed_at FROM order_events
          WHERE id > :after AND id <= :ceiling
          ORDER BY id
          LIMIT :n
     ), doomed AS (
-        SELECT s.id FROM span s JOIN orders o ON o.id = s.order_id
+        SELECT s.id, s.placed_at FROM span s JOIN orders o ON o.id = s.order_id
          WHERE s.occurred_at < :cutoff AND o.status IN ('CONFIRMED', 'CANCELLED')
            AND (SELECT count(*) FROM consumer_positions p
                  WHERE p.consumer = ANY(CAST(:consumers AS text[]))
                    AND p.order_id = s.order_id AND p.last_seq >= s.seq)
                = cardinality(CAST(:consumers AS text[]))
     ), gone AS (
-        DELETE FROM order_events WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
+        DELETE FROM order_events
+         WHERE id = ANY(ARRAY(SELECT id FROM doomed))
+           AND placed_at BETWEEN (SELECT min(placed_at) FROM doomed)
+                             AND (SELECT max(placed_at) FROM doomed)
+        RETURNING 1
     )
     SELECT (SELECT count(*) FROM gone),
            (SELECT count(*) FROM span),
@@ -189,6 +197,8 @@ _EVENTS = text(
            (SELECT occurred_at FROM span ORDER BY id DESC LIMIT 1)
     """
 )
+#: The name of the events scan's row in ``retention_cursors``.
+EVENTS_CURSOR = "order_events"
 
 
 def run_retention(
@@ -257,7 +267,13 @@ def _remove_events(
     if not everyone or any(name not in checkpoints for name in everyone):
         return  # a consumer that has read nothing yet needs every event
     ceiling = min(checkpoints.values())
-    cutoff, after = now - period, 0
+    cutoff = now - period
+    with engine.connect() as conn:
+        after = conn.execute(
+            select(retention_cursors.c.last_id).where(retention_cursors.c.name == EVENTS_CURSOR)
+        ).scalar()
+    if after is None or after >= ceiling:
+        after = 0  # a checkpoint went back (a new consumer): from the lowest id again
     for _ in range(policy.batches):
         with engine.begin() as conn:
             gone, spanned, last_id, last_at = conn.execute(
@@ -270,10 +286,24 @@ def _remove_events(
                     "consumers": everyone,
                 },
             ).one()
+            # Past the ceiling, or among events too recent to go: the next span is
+            # the lowest again. Else the next run goes on after this span, so events
+            # kept at the head of the feed (an order not final) cannot stall the scan.
+            finished = spanned < policy.rows or last_at >= cutoff
+            after = 0 if finished else int(last_id)
+            _save_cursor(conn, after, now)
         _count(removed, "order_events", int(gone))
-        if spanned < policy.rows or last_at >= cutoff:
+        if finished:
             break
-        after = last_id
+
+
+def _save_cursor(conn: Connection, after: int, now: datetime) -> None:
+    row = {"name": EVENTS_CURSOR, "last_id": after, "updated_at": now}
+    conn.execute(
+        insert(retention_cursors)
+        .values(row)
+        .on_conflict_do_update(index_elements=[retention_cursors.c.name], set_=row)
+    )
 
 
 def _count(removed: dict[str, int], table: str, rows: int) -> None:

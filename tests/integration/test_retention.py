@@ -26,7 +26,13 @@ from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.events import Event
 from orders.projections import CustomerSummaries
-from orders.tables import consumer_checkpoints, idempotency_keys, order_events, orders
+from orders.tables import (
+    consumer_checkpoints,
+    idempotency_keys,
+    order_events,
+    orders,
+    retention_cursors,
+)
 from sagas import runner
 from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas.tables import saga_steps, sagas
@@ -137,7 +143,8 @@ def age(owner_engine: Engine, placed: Placed, by: timedelta) -> None:
         " WHERE id = :saga",
         "UPDATE saga_steps SET started_at = started_at - :by, finished_at = finished_at - :by"
         " WHERE saga_id = :saga",
-        "UPDATE order_events SET occurred_at = occurred_at - :by WHERE order_id = :order",
+        "UPDATE order_events SET occurred_at = occurred_at - :by, placed_at = placed_at - :by"
+        " WHERE order_id = :order",
         "UPDATE idempotency_keys SET created_at = created_at - :by WHERE order_id = :order",
     )
     with owner_engine.begin() as conn:
@@ -409,6 +416,40 @@ def test_a_run_removes_at_most_its_budget_and_the_next_run_goes_on(
     assert run_retention(engine, small, [])["idempotency_keys"] == 1
     assert left() == 0
     assert run_retention(engine, small, []).get("idempotency_keys", 0) == 0
+
+
+def test_events_kept_at_the_head_of_the_feed_do_not_stall_the_scan(
+    engine: Engine, owner_engine: Engine, feed: None
+) -> None:
+    # Events only, 4 of the feed a run, judged 40 days on: every event is old.
+    small = RetentionPolicy(None, None, timedelta(days=30), None, None, rows=2, batches=2)
+    later = datetime.now(UTC) + timedelta(days=40)
+    held = [place(engine, decide=False) for _ in range(5)]  # not final: their events stay
+    done = [place(engine) for _ in range(3)]
+    consumer = Recorder()
+    apply_all(engine, [consumer], *held, *done)
+    with engine.connect() as conn:
+        ceiling = max(e.id for e in _events(engine, *done))
+        spanned = conn.execute(
+            select(func.count()).select_from(order_events).where(order_events.c.id <= ceiling)
+        ).scalar_one()
+
+    def from_the_lowest_id() -> None:
+        with owner_engine.begin() as conn:
+            conn.execute(retention_cursors.delete())
+
+    for _ in range(3):  # every run from the lowest id: the kept head is all it reads
+        from_the_lowest_id()
+        assert run_retention(engine, small, [consumer.name], now=later) == {"order_events": 0}
+    runs = 0
+    while any(remains(engine, placed)["order_events"] for placed in done):
+        runs += 1
+        assert runs <= spanned // 4 + 2, "the scan did not get past the kept events"
+        run_retention(engine, small, [consumer.name], now=later)
+    assert all(remains(engine, placed)["order_events"] == 1 for placed in held)
+    with engine.connect() as conn:
+        cursor = conn.execute(select(retention_cursors.c.last_id)).scalar_one()
+    assert cursor <= ceiling
 
 
 def test_the_workers_task_runs_the_job_on_the_housekeeping_lane(
