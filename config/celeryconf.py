@@ -11,6 +11,7 @@ from typing import Any
 from kombu.entity import Queue
 
 from config import names
+from config.redis_client import is_sentinel, parse, sentinel_kwargs
 from config.schedules import credit_check_schedule
 from config.settings import Settings
 
@@ -31,6 +32,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
         "socket_connect_timeout": 5,
         "health_check_interval": 10,
+        **_sentinel_options(settings.broker_url, settings),
     }
     return {
         "broker_url": settings.broker_url,
@@ -52,6 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             "socket_connect_timeout": 5,
+            **_sentinel_options(settings.result_backend_url, settings),
         },
         # Results are not stored: the saga's outcome lives in PostgreSQL. Chord header
         # members still join through the backend's chord keys (see sagas.dispatch).
@@ -77,12 +80,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The active beat extends its lock every tick, at least this often; a standby
         # tries to take it this often.
         "beat_max_loop_interval": settings.beat_lock_timeout_seconds / 5,
-        "redbeat_redis_url": settings.broker_url,
-        "redbeat_redis_options": {
-            "socket_connect_timeout": 5,
-            "socket_timeout": max(1.0, settings.beat_lock_timeout_seconds / 2),
-            "health_check_interval": 10,
-        },
+        **_redbeat_redis(settings),
         "redbeat_key_prefix": "redbeat:",
         "redbeat_lock_timeout": settings.beat_lock_timeout_seconds,
         "beat_schedule": {
@@ -116,5 +114,42 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.retention_interval_seconds,
                 "options": {"expires": settings.retention_interval_seconds * 2},
             },
+        },
+    }
+
+
+def _sentinel_options(url: str, settings: Settings) -> dict[str, Any]:
+    """kombu's and the result backend's options for a sentinel:// URL (none otherwise)."""
+    if not is_sentinel(url):
+        return {}
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": sentinel_kwargs(settings.sentinel, socket_connect_timeout=5),
+    }
+
+
+def _redbeat_redis(settings: Settings) -> dict[str, Any]:
+    """Where beat keeps its schedule and lock: the broker's Redis, found as the broker is."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 5,
+        "socket_timeout": max(1.0, settings.beat_lock_timeout_seconds / 2),
+        "health_check_interval": 10,
+    }
+    if not is_sentinel(settings.broker_url):
+        return {"redbeat_redis_url": settings.broker_url, "redbeat_redis_options": options}
+    target = parse(settings.broker_url)
+    return {
+        # celery-redbeat's own scheme for a master found through sentinels.
+        "redbeat_redis_url": "redis-sentinel://",
+        "redbeat_redis_options": {
+            "sentinels": list(target.sentinels),
+            "service_name": settings.redis_sentinel_master,
+            "db": target.db,
+            "username": target.username,
+            "password": target.password,
+            "socket_timeout": options["socket_timeout"],
+            "sentinel_kwargs": sentinel_kwargs(
+                settings.sentinel, socket_timeout=options["socket_timeout"]
+            ),
         },
     }

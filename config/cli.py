@@ -21,6 +21,7 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
+from config.redis_client import connect
 from config.settings import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,9 @@ class ToolSettings:
 
     def require_broker(self) -> None:
         """Return when the broker's Redis answers; ToolError otherwise."""
-        client = redis.Redis.from_url(
+        client = connect(
             self.settings.broker_url,
+            self.settings.sentinel,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=CONNECT_TIMEOUT,
         )

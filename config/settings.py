@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from config import names
+from config.redis_client import SentinelAccess, is_sentinel, parse
 
 ENVIRONMENTS = ("local", "test", "staging", "production")
 
@@ -53,6 +54,11 @@ class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     #: Celery result backend (Redis); holds the chord join state.
     result_backend_url: str = "redis://127.0.0.1:6379/1"
+    #: With sentinel:// URLs (config.redis_client), the name of the master the sentinels
+    #: watch (REDIS_SENTINEL_MASTER) and the sentinels' own password, if they ask for one
+    #: (REDIS_SENTINEL_PASSWORD).
+    redis_sentinel_master: str = "orders"
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     #: The queue of each lane (config.names.Lane).
     saga_queue: str = names.SAGA_QUEUE
     default_queue: str = names.DEFAULT_QUEUE
@@ -220,6 +226,22 @@ class Settings:
         """Every lane's queue."""
         return (self.saga_queue, self.default_queue, self.batch_queue, self.housekeeping_queue)
 
+    @property
+    def sentinel(self) -> SentinelAccess:
+        """How to find the Redis master behind a sentinel:// URL."""
+        return SentinelAccess(self.redis_sentinel_master, self.redis_sentinel_password)
+
+    def _check_redis_urls(self) -> None:
+        for name in ("broker_url", "result_backend_url", "cache_url", "rate_limit_storage_url"):
+            url = getattr(self, name)
+            if url and is_sentinel(url):
+                try:
+                    parse(url)
+                except ValueError as exc:
+                    raise ConfigError(f"{name.upper()} (a Redis Sentinel URL): {exc}") from None
+                if not self.redis_sentinel_master:
+                    raise ConfigError("REDIS_SENTINEL_MASTER names the master of a sentinel URL")
+
     def __post_init__(self) -> None:
         """Refuse settings that are malformed or unsafe for the environment."""
         if self.env not in ENVIRONMENTS:
@@ -297,6 +319,7 @@ class Settings:
             raise ConfigError("ADMISSION_MAX_BACKLOG must be 0 (off) or positive")
         if self.rate_limit:
             _check_rate_limit(self.rate_limit)
+        self._check_redis_urls()
         if self.env == "production":
             if self.step_delay_seconds:
                 raise ConfigError("SAGA_STEP_DELAY_SECONDS is a test setting; not in production")
@@ -385,6 +408,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_pool=POOL_PRESETS[preset],
         broker_url=broker_url,
         result_backend_url=env.get("RESULT_BACKEND_URL") or _backend_url_from(broker_url),
+        redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER") or d.redis_sentinel_master,
+        redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD") or None,
         saga_queue=env.get("SAGA_LANE") or d.saga_queue,
         default_queue=env.get("DEFAULT_LANE") or d.default_queue,
         batch_queue=env.get("BATCH_LANE") or d.batch_queue,

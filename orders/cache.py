@@ -38,8 +38,9 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prometheus_client import Counter
-from redis import Redis
 from redis.exceptions import RedisError
+
+from config.redis_client import SentinelAccess, connect
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ class Caches:
         status_ttl: float = 60.0,
         credit_ttl: float = 300.0,
         pause_after_failure: float = 1.0,
+        sentinel: SentinelAccess | None = None,
     ) -> None:
-        self.redis = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.redis = connect(url, sentinel, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._put = self.redis.register_script(_PUT_NEWER)
         self.ttl_ms = {STATUS: int(status_ttl * 1000), DETAILS: 0, CREDIT: int(credit_ttl * 1000)}
         self.pause_after_failure = pause_after_failure

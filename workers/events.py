@@ -103,7 +103,11 @@ def main() -> None:
         start_http_server(settings.events_metrics_port, addr=settings.worker_metrics_bind)
     engine = make_engine(settings, application_name="orders-events")
     caches = (
-        Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+        Caches(
+            settings.cache_url,
+            timeout=settings.cache_timeout_seconds,
+            sentinel=settings.sentinel,
+        )
         if settings.cache_url
         else None
     )

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from sqlalchemy import Engine, func, select
 
+from config.redis_client import connect
 from config.settings import Settings
 from sagas.engine import ACTIVE_STATES
 from sagas.runner import Completion
@@ -99,7 +100,7 @@ def serve(settings: Settings, engine: Engine) -> None:
     """Serve the metrics of every pool child, and the stack's figures, over HTTP."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    redis = Redis.from_url(settings.broker_url, socket_timeout=1)
+    redis = connect(settings.broker_url, settings.sentinel, socket_timeout=1)
     registry.register(StackCollector(engine, redis, settings.queues))
     start_http_server(
         settings.worker_metrics_port, addr=settings.worker_metrics_bind, registry=registry

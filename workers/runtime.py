@@ -9,6 +9,7 @@ from typing import Any
 from redis import Redis
 from sqlalchemy import Engine
 
+from config.redis_client import connect
 from config.settings import Settings
 from orders.cache import CREDIT, Caches
 from orders.credit import CreditFigures
@@ -48,9 +49,13 @@ class Runtime:
         if self._pid != os.getpid():
             settings = self.settings
             self._engine = make_engine(settings, application_name="orders-worker")
-            self._redis = Redis.from_url(settings.broker_url, socket_timeout=5)
+            self._redis = connect(settings.broker_url, settings.sentinel, socket_timeout=5)
             self._caches = (
-                Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+                Caches(
+                    settings.cache_url,
+                    timeout=settings.cache_timeout_seconds,
+                    sentinel=settings.sentinel,
+                )
                 if settings.cache_url
                 else None
             )

@@ -32,7 +32,11 @@ def create_app() -> Flask:
     launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
     operations = Operations(engine, publisher, settings, DEFINITIONS)
     caches = (
-        Caches(settings.cache_url, timeout=settings.cache_timeout_seconds)
+        Caches(
+            settings.cache_url,
+            timeout=settings.cache_timeout_seconds,
+            sentinel=settings.sentinel,
+        )
         if settings.cache_url
         else None
     )

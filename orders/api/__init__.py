@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from flask import Flask, Response, json
-from redis import Redis
 from sqlalchemy import Engine, text
 
 from config.logs import clear_log_context
+from config.redis_client import connect
 from config.settings import Settings, load_settings
 from orders.api.admin import admin_blueprint
 from orders.api.admission import install_admission
@@ -53,8 +53,11 @@ def create_app(
     def forget_log_context(exc: BaseException | None) -> None:
         clear_log_context()
 
-    redis = Redis.from_url(
-        settings.broker_url, socket_timeout=READY_TIMEOUT, socket_connect_timeout=READY_TIMEOUT
+    redis = connect(
+        settings.broker_url,
+        settings.sentinel,
+        socket_timeout=READY_TIMEOUT,
+        socket_connect_timeout=READY_TIMEOUT,
     )
 
     def database() -> None:

@@ -23,6 +23,7 @@ from kombu.transport.redis import Channel
 from prometheus_client import Counter
 from redis import Redis
 
+from config.redis_client import connect
 from config.settings import Settings
 from orders.api.auth import bearer_token
 from orders.api.problems import problem
@@ -89,8 +90,9 @@ def install_admission(app: Flask, settings: Settings) -> Backlog | None:
     bound = settings.admission_max_backlog
     if bound <= 0:
         return None
-    redis = Redis.from_url(
+    redis = connect(
         settings.broker_url,
+        settings.sentinel,
         socket_timeout=BROKER_TIMEOUT_SECONDS,
         socket_connect_timeout=BROKER_TIMEOUT_SECONDS,
     )

@@ -37,6 +37,7 @@ from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits import RateLimitItem, parse_many
 from prometheus_client import Counter
 
+from config.redis_client import is_sentinel, parse, sentinel_kwargs
 from config.settings import Settings
 from orders.api.auth import bearer_token
 from orders.api.problems import problem
@@ -112,6 +113,29 @@ _STORAGE_OPTIONS: dict[str, Any] = {
 }
 
 
+def _storage(url: str, settings: Settings) -> dict[str, Any]:
+    """The limiter's storage: a redis:// URL as it is; a sentinel:// URL in the limits
+    library's own form (``redis+sentinel://host:port,host:port/master``)."""
+    if not is_sentinel(url):
+        return {"storage_uri": url, "storage_options": _STORAGE_OPTIONS}
+    target = parse(url)
+    hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+    return {
+        "storage_uri": f"redis+sentinel://{hosts}/{settings.redis_sentinel_master}",
+        "storage_options": {
+            **_STORAGE_OPTIONS,
+            "db": target.db,
+            "username": target.username,
+            "password": target.password,
+            # The sentinels' own password (None: they ask for none), not the master's.
+            "sentinel_kwargs": sentinel_kwargs(settings.sentinel, **_STORAGE_OPTIONS)
+            | {"password": settings.redis_sentinel_password},
+            # Counts are read where they are written: a replica may lag behind.
+            "use_replicas": False,
+        },
+    }
+
+
 def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
     """Limit each caller to ``settings.rate_limit`` across the API (None: no limit)."""
     if not settings.rate_limit or not settings.rate_limit_storage_url:
@@ -121,8 +145,7 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         application_limits=[
             ApplicationLimit(settings.rate_limit, key_function=caller, scope="caller"),
         ],
-        storage_uri=settings.rate_limit_storage_url,
-        storage_options=_STORAGE_OPTIONS,
+        **_storage(settings.rate_limit_storage_url, settings),
         strategy=STRATEGY,
         key_prefix=KEY_PREFIX,
         headers_enabled=False,  # written below, with the IETF names and semantics

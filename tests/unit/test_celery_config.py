@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from config import names
 from config.celeryconf import celery_config
-from config.settings import Settings
+from config.settings import ConfigError, Settings, load_settings
 from sagas.order import ORDER_SAGA
 from workers.base import retry_delay
 
@@ -75,3 +77,48 @@ def test_beat_runs_the_event_consumers_integrity_check_on_a_lane_of_its_own() ->
     for task in (names.RELAY_OUTBOX, names.SWEEP_SAGAS):
         assert config["task_routes"][task] == {"queue": "default"}
     assert "housekeeping" in {queue.name for queue in config["task_queues"]}
+
+
+SENTINELS = "sentinel://:secret@10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://10.0.0.3/0"
+
+
+def test_a_sentinel_broker_names_its_master_everywhere_it_is_used() -> None:
+    settings = load_settings(
+        {
+            "REDIS_URL": SENTINELS,
+            "REDIS_SENTINEL_MASTER": "shop",
+            "REDIS_SENTINEL_PASSWORD": "sentinels-own",
+        }
+    )
+    assert settings.result_backend_url.endswith("sentinel://10.0.0.3/1")
+    assert settings.cache_url is not None and settings.cache_url.endswith("/2")
+    config = celery_config(settings)
+    for options in (
+        config["broker_transport_options"],
+        config["result_backend_transport_options"],
+    ):
+        assert options["master_name"] == "shop"
+        # The sentinels' password, not the master's.
+        assert options["sentinel_kwargs"]["password"] == "sentinels-own"
+    beat = config["redbeat_redis_options"]
+    assert config["redbeat_redis_url"].startswith("redis-sentinel://")
+    assert beat["service_name"] == "shop"
+    assert beat["sentinels"] == [("10.0.0.1", 26379), ("10.0.0.2", 26380), ("10.0.0.3", 26379)]
+    assert (beat["db"], beat["password"]) == (0, "secret")
+    assert beat["sentinel_kwargs"]["password"] == "sentinels-own"
+
+
+def test_a_plain_broker_has_no_sentinel_options() -> None:
+    assert "master_name" not in CONFIG["broker_transport_options"]
+    assert CONFIG["redbeat_redis_url"] == Settings().broker_url
+
+
+def test_a_malformed_sentinel_url_is_refused_at_start() -> None:
+    for url in ("sentinel://10.0.0.1:26379;redis://10.0.0.2/0", "sentinel://10.0.0.1/db"):
+        with pytest.raises(ConfigError, match="Sentinel"):
+            load_settings({"REDIS_URL": url})
+
+
+def test_the_sentinel_password_is_kept_out_of_the_settings_repr() -> None:
+    settings = load_settings({"REDIS_URL": SENTINELS, "REDIS_SENTINEL_PASSWORD": "hush"})
+    assert "hush" not in repr(settings)
