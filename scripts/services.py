@@ -352,6 +352,7 @@ class LocalRedis:
         appendonly: bool = False,
         name: str = "redis",
         maxmemory: str | None = None,
+        replica_of: int | None = None,
     ) -> None:
         self.base = base
         self.dir = base / name
@@ -361,6 +362,8 @@ class LocalRedis:
         #: With a limit, the least recently used keys are evicted past it (a cache);
         #: without, nothing is ever evicted (a broker).
         self.maxmemory = maxmemory
+        #: The port of the primary this server replicates (same password), if any.
+        self.replica_of = replica_of
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -385,6 +388,11 @@ class LocalRedis:
                 else "maxmemory-policy noeviction\n"
             )
             + "logfile redis.log\ndatabases 64\n"
+            + (
+                f"replicaof 127.0.0.1 {self.replica_of}\nmasterauth {self.password}\n"
+                if self.replica_of
+                else ""
+            )
         )
         private_file(self.dir / "redis.conf", config)  # holds the password
         conf = self.dir / "redis.conf"
@@ -397,3 +405,119 @@ class LocalRedis:
             self.process.send_signal(sig)
             self.process.wait(timeout=20)
         self.process = None
+
+
+class LocalSentinels:
+    """Redis with failover on 127.0.0.1: a primary, a replica and three sentinels
+    watching them as master ``master`` (quorum 2), every one with a password."""
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        password: str,
+        sentinel_password: str,
+        master: str = "orders",
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.base = base
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.master = master
+        self.down_after_ms = down_after_ms
+        self.primary = LocalRedis(base, password=password, name="redis-primary")
+        self.replica = LocalRedis(
+            base, password=password, name="redis-replica", replica_of=self.primary.port
+        )
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    def url(self, db: int = 0) -> str:
+        """The kombu-style sentinel:// URL of database ``db`` on the master."""
+        first, *rest = self.sentinel_ports
+        return ";".join(
+            [f"sentinel://:{self.password}@127.0.0.1:{first}/{db}"]
+            + [f"sentinel://127.0.0.1:{port}/{db}" for port in rest]
+        )
+
+    def start(self) -> None:
+        """Start the primary, the replica and the sentinels; return once the replica is
+        in sync and every sentinel knows the others."""
+        self.primary.start()
+        self.replica.start()
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        for n, port in enumerate(self.sentinel_ports):
+            directory = self.base / f"sentinel-{n}"
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o700)
+            config = (
+                f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {directory}\n"
+                f"logfile sentinel.log\nrequirepass {self.sentinel_password}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel auth-pass {self.master} {self.password}\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} 10000\n"
+                f"sentinel parallel-syncs {self.master} 1\n"
+            )
+            # The sentinel rewrites its file (what it learns): ours only, writable.
+            private_file(directory / "sentinel.conf", config)
+            self.sentinels.append(
+                subprocess.Popen(
+                    [binary, str(directory / "sentinel.conf"), "--sentinel"],
+                    start_new_session=True,
+                )
+            )
+        for port in self.sentinel_ports:
+            wait_for_port(port, 20)
+        deadline = time.monotonic() + 30
+        while not self._settled():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the sentinels did not find each other and the replica")
+            time.sleep(0.2)
+
+    def _cli(self, port: int, password: str, *command: str) -> str:
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise FileNotFoundError("redis-cli not found; run scripts/bootstrap.sh")
+        done = subprocess.run(
+            [binary, "-h", "127.0.0.1", "-p", str(port), *command],
+            env={**os.environ, "REDISCLI_AUTH": password},  # never on the command line
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return done.stdout
+
+    def _settled(self) -> bool:
+        info = self._cli(self.primary.port, self.password, "info", "replication")
+        if "state=online" not in info:
+            return False
+        for port in self.sentinel_ports:
+            answer = self._cli(port, self.sentinel_password, "sentinel", "master", self.master)
+            fields = answer.split()
+            known = dict(zip(fields[::2], fields[1::2], strict=False))
+            if known.get("num-other-sentinels") != "2" or known.get("num-slaves") != "1":
+                return False
+        return True
+
+    def master_port(self) -> int | None:
+        """The port of the master as the sentinels see it (None: none answers)."""
+        for port in self.sentinel_ports:
+            answer = self._cli(
+                port, self.sentinel_password, "sentinel", "get-master-addr-by-name", self.master
+            ).split()
+            if len(answer) == 2 and answer[1].isdigit():
+                return int(answer[1])
+        return None
+
+    def stop(self) -> None:
+        """Stop every process of the group."""
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=20)
+        self.sentinels = []
+        self.replica.stop()
+        self.primary.stop()

@@ -31,7 +31,7 @@ from config.settings import POOL_PRESETS, Settings
 from orders.db import make_engine
 from orders.domain import CancelReason
 from orders.tables import customers, idempotency_keys, orders, products
-from scripts.services import LocalPostgres, LocalRedis
+from scripts.services import LocalPostgres, LocalRedis, LocalSentinels
 from tests.conftest import API_KEY, migrate, register_test_keys
 from tests.harness.checker import Report, Violation, World, quiet, settle
 from tests.harness.processes import Stack, WorkerSpec
@@ -73,6 +73,9 @@ class ChaosPlan:
     #: Saga workers serve the saga lane only (as in the Procfile), and one more worker
     #: the other lanes; otherwise every worker serves every lane.
     lanes_apart: bool = False
+    #: Redis as a primary, a replica and three sentinels (the system finds the master
+    #: through them); the ``fail_over_redis`` fault kills the master.
+    redis_sentinel: bool = False
 
 
 @dataclass
@@ -104,6 +107,10 @@ class ChaosResult:
     canary_seconds: list[float]
     duration: float
     counts: dict[str, int] = field(default_factory=dict)
+    #: Seconds from each Redis master's death until the sentinels promoted the replica.
+    failovers: list[float] = field(default_factory=list)
+    #: Seconds from each final order's creation to its decision, ascending.
+    decided_in: list[float] = field(default_factory=list)
 
     @property
     def violations(self) -> list[Violation]:
@@ -114,6 +121,9 @@ class ChaosResult:
     def ok(self) -> bool:
         """Whether every invariant held."""
         return not self.violations
+
+    def _decided(self, quantile: float) -> float:
+        return self.decided_in[int(quantile * (len(self.decided_in) - 1))]
 
     def summary(self) -> str:
         """A readable account of the run: seed, faults, outcomes, invariants."""
@@ -128,6 +138,17 @@ class ChaosResult:
             *(f"  {t:7.2f} s  {name:<22} {detail}" for t, name, detail in self.timeline),
             f"answers to clients: {dict(answered)}",
             f"orders by final state: {self.report.counts}",
+            *(
+                ["Redis failovers, kill to promotion: " + ", ".join(promoted)]
+                if (promoted := [f"{s:.1f} s" for s in self.failovers])
+                else []
+            ),
+            (
+                "orders decided in (p50 / p99 / max): "
+                + " / ".join(f"{self._decided(q):.2f} s" for q in (0.5, 0.99, 1))
+                if self.decided_in
+                else "no order decided"
+            ),
             "canary orders after the last fault: "
             + ", ".join(f"{s:.2f} s" for s in self.canary_seconds),
             f"sampled negative stock or credit: {len(self.sampled_negatives)}",
@@ -145,29 +166,55 @@ class Cluster:
         self.plan = plan
         self.postgres = LocalPostgres(base, fsync=False)
         self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=plan.redis_aof)
+        self.sentinels = (
+            LocalSentinels(
+                base, password=secrets.token_hex(12), sentinel_password=secrets.token_hex(12)
+            )
+            if plan.redis_sentinel
+            else None
+        )
+        #: Seconds from each master's death until the sentinels named another.
+        self.failovers: list[float] = []
         self.stack: Stack | None = None
         self.engine: Engine | None = None
 
     def start(self) -> None:
         """Start the servers, migrate, then start API, workers and beat."""
         self.postgres.start()
-        self.redis.start()
+        if self.sentinels is not None:
+            self.sentinels.start()
+        else:
+            self.redis.start()
         self.postgres.create_database("orders")
         migrate(self.postgres.url(role="owner"))
+        redis_url = self.sentinels.url if self.sentinels is not None else self.redis.url
         settings = Settings(
             env="test",
             database_url=self.postgres.url(),
             db_pool=POOL_PRESETS["test"],
-            broker_url=self.redis.url(0),
-            result_backend_url=self.redis.url(1),
+            broker_url=redis_url(0),
+            result_backend_url=redis_url(1),
+            redis_sentinel_password=(
+                self.sentinels.sentinel_password if self.sentinels is not None else None
+            ),
+            # Through sentinels, the caches too (on the failover's Redis).
+            cache_url=redis_url(2) if self.sentinels is not None else None,
+        )
+        # ... and the rate limit's counts (a limit no client of the run reaches).
+        limit = (
+            {"RATE_LIMIT": "100000/minute", "RATE_LIMIT_STORAGE_URL": redis_url(3)}
+            if self.sentinels is not None
+            else {}
         )
         register_test_keys(settings, self.postgres.url(role="owner"))
         self.engine = make_engine(settings, application_name="chaos-checker")
         self.stack = Stack(
             settings,
             self.base / "logs",
-            extra_env={**CHAOS_ENV, "SAGA_JOIN": self.plan.saga_join},
+            extra_env={**CHAOS_ENV, "SAGA_JOIN": self.plan.saga_join, **limit},
             beat=True,
+            # The caches (sentinel runs) are kept true by the event consumers.
+            events=self.sentinels is not None,
             workers=self.plan.worker_nodes,
             worker_specs=(
                 [
@@ -190,6 +237,8 @@ class Cluster:
             self.stack.stop()
         if self.engine is not None:
             self.engine.dispose()
+        if self.sentinels is not None:
+            self.sentinels.stop()
         self.redis.stop()
         self.postgres.stop("immediate")
 
@@ -230,6 +279,22 @@ class Cluster:
         self.redis.start()
         return "with its append-only file" if self.plan.redis_aof else "empty"
 
+    def fail_over_redis(self, rng: random.Random) -> str:
+        """SIGKILL the Redis master; return once the sentinels promoted the replica."""
+        assert self.sentinels is not None, "fail_over_redis needs ChaosPlan(redis_sentinel=True)"
+        group = self.sentinels
+        master = group.master_port()
+        victim = group.primary if master == group.primary.port else group.replica
+        victim.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(
+            "the sentinels to promote the replica",
+            lambda: group.master_port() not in (None, victim.port),
+            timeout=60,
+        )
+        self.failovers.append(time.monotonic() - killed)
+        return f"master :{victim.port} killed, replica promoted in {self.failovers[-1]:.1f} s"
+
     def kill_database_backends(self, rng: random.Random) -> str:
         """Terminate every connection of the system to PostgreSQL."""
         killed = self.postgres.psql(
@@ -264,6 +329,7 @@ FAULTS: dict[str, Callable[[Cluster, random.Random], str]] = {
     "kill_pool_child": Cluster.kill_pool_child,
     "kill_worker_node": Cluster.kill_worker_node,
     "restart_redis": Cluster.restart_redis,
+    "fail_over_redis": Cluster.fail_over_redis,
     "kill_database_backends": Cluster.kill_database_backends,
     "restart_database": Cluster.restart_database,
 }
@@ -507,9 +573,23 @@ def run_chaos(plan: ChaosPlan, base: Path, log: Callable[[str], None] = print) -
             sampler.negatives,
             canaries,
             time.monotonic() - started,
+            failovers=cluster.failovers,
+            decided_in=decision_seconds(engine, world),
         )
     finally:
         cluster.stop()
+
+
+def decision_seconds(engine: Engine, world: World) -> list[float]:
+    """Seconds from each final order's creation to its decision, ascending."""
+    o = orders.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(func.extract("epoch", o.updated_at - o.created_at)).where(
+                o.customer_id.in_(world.customers), o.status.in_(["CONFIRMED", "CANCELLED"])
+            )
+        ).scalars()
+        return sorted(float(seconds) for seconds in rows)
 
 
 def canary(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from config.redis_client import is_sentinel
 from config.settings import Settings
 from scripts.services import free_port
 from tests.harness.client import Api
@@ -103,6 +104,10 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     }
+    if is_sentinel(settings.broker_url):
+        env["REDIS_SENTINEL_MASTER"] = settings.redis_sentinel_master
+        if settings.redis_sentinel_password:
+            env["REDIS_SENTINEL_PASSWORD"] = settings.redis_sentinel_password
     env.update(extra)
     return env
 
