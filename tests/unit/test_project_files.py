@@ -197,3 +197,26 @@ def test_compose_connects_the_system_as_the_application_role_and_migrates_as_the
     assert services["cache"]["environment"]["REDISCLI_AUTH"].startswith("${CACHE_PASSWORD:?")
     assert "${CACHE_PASSWORD:?" in services["web"]["environment"]["CACHE_URL"]
     assert "${REDIS_PASSWORD:?" in services["web"]["environment"]["REDIS_URL"]
+
+
+def test_the_sentinel_option_points_every_process_at_the_sentinels() -> None:
+    path = ROOT / "docker-compose.sentinel.yml"
+    result = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    override = yaml.safe_load(path.read_text())["services"]
+    known = settings_variables() | PROCESS_VARIABLES
+    for name in APP_SERVICES:
+        env = override[name]["environment"]
+        assert set(env) <= known, name
+        assert env["REDIS_URL"].count("sentinel://") == 3
+        assert env["REDIS_SENTINEL_PASSWORD"] == "${SENTINEL_PASSWORD:?set SENTINEL_PASSWORD}"
+        assert {"sentinel-1", "sentinel-2", "sentinel-3"} <= set(override[name]["depends_on"])
+    assert set(APP_SERVICES) <= set(compose()["services"])
+    for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        assert "--sentinel" in command_line(override[sentinel])
+        assert override[sentinel]["healthcheck"]["test"]
+    assert "noeviction" in command_line(override["redis-replica"])
