@@ -7,14 +7,20 @@ not read them), which the session's integrity check and retention would trip ove
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis
 from sqlalchemy import Engine, insert, select, text, update
 
 from config.settings import Settings
@@ -22,8 +28,9 @@ from orders.credit_review import _READ, MARGIN, Review, clear_checkpoints, revie
 from orders.db import make_engine
 from orders.domain import OrderStatus
 from orders.tables import credit_reviews, customers, orders
-from tests.conftest import Servers, migrate
+from tests.conftest import ROOT, Servers, migrate
 from tests.helpers import add_customer
+from workers.tables import batch_runs
 
 DATABASE = "orders_credit_review"
 T0 = datetime.now(UTC)
@@ -144,6 +151,38 @@ def test_an_order_stamped_before_a_review_and_committed_after_it_is_counted(
         assert clear_checkpoints(conn) >= 2
     assert checkpoint(engine, unguarded) == (None, None)
     assert not review(engine, unguarded, T0 + timedelta(hours=3)).flagged
+
+
+def test_start_full_forgets_the_checkpoints_then_starts_a_run(
+    engine: Engine, settings: Settings, servers: Servers, tmp_path: Path
+) -> None:
+    customer = add_customer(engine, limit="1000.00")
+    review(engine, customer, T0)
+    broker = servers.redis.url(27)
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "workers.batch", "start", "--full"],
+            cwd=ROOT,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "RUN_DIR": str(tmp_path),
+                "APP_ENV": "test",
+                "DATABASE_URL": settings.database_url,
+                "REDIS_URL": broker,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        Redis.from_url(broker).flushdb()
+    assert started.returncode == 0, started.stderr
+    answer = json.loads(started.stdout)
+    assert answer["checkpoints_cleared"] >= 1
+    assert checkpoint(engine, customer) == (None, None)
+    with engine.connect() as conn:
+        run = conn.execute(select(batch_runs).where(batch_runs.c.id == answer["run_id"])).one()
+    assert run.total >= 1
 
 
 def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
