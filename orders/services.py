@@ -216,7 +216,8 @@ def place_order(
                 "product_ids": [line.product_id for line in cmd.lines],
                 "quantities": [line.quantity for line in cmd.lines],
                 "prices": [prices[line.product_id] for line in cmd.lines],
-                "placed": {"total": str(total)},
+                # The key that placed it: whose webhooks hear of its final states.
+                "placed": {"total": str(total), "client": cmd.client},
             },
         )
         start = SagaStart(
