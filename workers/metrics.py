@@ -3,7 +3,9 @@
 Pool children record saga and step durations, final states and retries; the worker's
 main process serves them on ``WORKER_METRICS_PORT``, added up across children through
 PROMETHEUS_MULTIPROC_DIR, together with figures read at scrape time: queue depth per
-lane, the outbox backlog and the active sagas.
+lane and the workers consuming it, the outbox backlog and its age, the active sagas,
+the oldest of them and those past their deadline (what config/prometheus/alerts.yml
+watches).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -47,7 +50,7 @@ COMPENSATIONS_ESCALATED = Counter(
 
 
 class StackCollector(Collector):
-    """Figures read when Prometheus scrapes: queues, outbox, active sagas."""
+    """Figures read when Prometheus scrapes: lanes, outbox, sagas not final."""
 
     def __init__(self, engine: Engine, redis: Redis, queues: tuple[str, ...]) -> None:
         self.engine = engine
@@ -59,22 +62,43 @@ class StackCollector(Collector):
         depth = GaugeMetricFamily(
             "orders_queue_depth", "Messages waiting, by lane.", labels=["lane"]
         )
+        consumed = GaugeMetricFamily(
+            "orders_lane_consumers",
+            f"Workers that consumed the lane within the last {liveness.ALIVE_SECONDS:g} s.",
+            labels=["lane"],
+        )
         try:
             for lane in self.queues:
                 depth.add_metric([lane], liveness.depth(self.redis, lane))
+                consumed.add_metric([lane], liveness.consumers(self.redis, lane))
             yield depth
+            yield consumed
         except Exception as exc:
             logger.warning("queue depth unavailable: %r", exc)
+        # Ages are taken on the database's clock, in the statement that reads them.
+        since = func.extract("epoch", func.now() - func.min(sagas.c.created_at))
+        late = func.extract("epoch", func.now() - func.min(sagas.c.deadline_at))
         try:
             with self.engine.connect() as conn:
-                backlog = conn.execute(select(func.count()).select_from(outbox)).scalar_one()
+                backlog, oldest_entry = conn.execute(
+                    select(
+                        func.count(),
+                        func.extract("epoch", func.now() - func.min(outbox.c.created_at)),
+                    ).select_from(outbox)
+                ).one()
                 letters = conn.execute(
                     select(func.count())
                     .select_from(dead_letters)
                     .where(dead_letters.c.state == "OPEN")
                 ).scalar_one()
                 active = conn.execute(
-                    select(sagas.c.state, func.count())
+                    select(
+                        sagas.c.state,
+                        func.count(),
+                        since,
+                        func.count().filter(sagas.c.deadline_at < func.now()),
+                        late,
+                    )
                     .where(sagas.c.state.in_([s.value for s in ACTIVE_STATES]))
                     .group_by(sagas.c.state)
                 ).all()
@@ -85,15 +109,47 @@ class StackCollector(Collector):
             "orders_outbox_backlog", "Sagas not yet handed to the broker.", value=backlog
         )
         yield GaugeMetricFamily(
+            "orders_outbox_oldest_age_seconds",
+            "Age of the oldest saga not yet handed to the broker (0: none).",
+            value=_seconds(oldest_entry),
+        )
+        yield GaugeMetricFamily(
             "orders_dead_letters_open", "Dead letters waiting for an operator.", value=letters
         )
         running = GaugeMetricFamily(
             "orders_sagas_active", "Sagas not final, by state.", labels=["state"]
         )
-        counts: dict[str, int] = {state: count for state, count in active}
+        oldest = GaugeMetricFamily(
+            "orders_saga_oldest_age_seconds",
+            "Age of the oldest saga not final, by state (0: none).",
+            labels=["state"],
+        )
+        overdue = GaugeMetricFamily(
+            "orders_sagas_overdue",
+            "Sagas not final past their deadline, not yet taken up by the sweeper, by state.",
+            labels=["state"],
+        )
+        most_overdue = GaugeMetricFamily(
+            "orders_saga_most_overdue_seconds",
+            "How long ago the deadline of the most overdue saga not final passed (0: none).",
+            labels=["state"],
+        )
+        rows = {row[0]: row for row in active}
         for state in ACTIVE_STATES:
-            running.add_metric([state.value], counts.get(state.value, 0))
+            _, count, age, past, lateness = rows.get(state.value, (state.value, 0, 0, 0, 0))
+            running.add_metric([state.value], count)
+            oldest.add_metric([state.value], _seconds(age))
+            overdue.add_metric([state.value], past)
+            most_overdue.add_metric([state.value], _seconds(lateness))
         yield running
+        yield oldest
+        yield overdue
+        yield most_overdue
+
+
+def _seconds(value: Decimal | float | None) -> float:
+    """A number of seconds read from the database, never negative (None: 0)."""
+    return 0.0 if value is None else max(0.0, float(value))
 
 
 def serve(settings: Settings, engine: Engine) -> None:
