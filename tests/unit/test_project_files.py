@@ -23,6 +23,7 @@ SECRETS = (
     "REDIS_PASSWORD",
     "CACHE_PASSWORD",
     "FLOWER_BASIC_AUTH",
+    "GRAFANA_ADMIN_PASSWORD",
 )
 #: Every service that runs the system's code, the migration excepted.
 APP_SERVICES = (
@@ -80,6 +81,8 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "events",
         "beat",
         "flower",
+        "prometheus",  # these two only with --profile monitoring
+        "grafana",
     }
     for store in ("postgres", "redis", "cache"):
         assert services[store]["healthcheck"]["test"]
