@@ -606,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", choices=("bare", "saga"), help="measure one system only")
     parser.add_argument(
+        "--traces-file",
+        type=Path,
+        metavar="PATH",
+        help="turn OpenTelemetry traces on in every process, exported to this file "
+        "(TRACES_FILE), to measure what they cost",
+    )
+    parser.add_argument(
         "--saga-join",
         choices=SAGA_JOINS,
         default="chord",
@@ -622,10 +629,11 @@ def main(argv: list[str] | None = None) -> int:
             args.concurrency,
             events=not args.no_events,
             saga_join=args.saga_join,
-            # Every periodic job runs during a history run, the credit check included.
-            extra_env={"CREDIT_CHECK_EVERY_SECONDS": "60", **HISTORY_KEPT}
-            if args.history
-            else None,
+            extra_env={
+                # Every periodic job runs during a history run, the credit check included.
+                **({"CREDIT_CHECK_EVERY_SECONDS": "60", **HISTORY_KEPT} if args.history else {}),
+                **({"TRACES_FILE": str(args.traces_file.resolve())} if args.traces_file else {}),
+            },
         )
         try:
             bench.start()

@@ -20,7 +20,7 @@ from config.settings import Settings
 #: One line per record, with the process id: several processes write to one terminal.
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s%(context)s"
 #: The context fields, in the order they are shown.
-CONTEXT_FIELDS = ("order_id", "saga_id", "task", "task_id", "lane")
+CONTEXT_FIELDS = ("order_id", "saga_id", "task", "task_id", "lane", "trace_id")
 
 _context: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039
 

@@ -152,6 +152,13 @@ class Settings:
     log_level: str = "INFO"
     #: "text" (one line per record) or "json" (one JSON object per line).
     log_format: str = "text"
+    #: OpenTelemetry traces (config.tracing) are exported over OTLP (http/protobuf) when
+    #: this is set: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT (the
+    #: SDK reads the other OTEL_* variables itself); OTEL_SDK_DISABLED=true turns traces off.
+    otel_endpoint: str | None = None
+    #: ... and/or appended to this file, one span a JSON line (TRACES_FILE). Neither set:
+    #: no tracing at all.
+    traces_file: str | None = None
     #: The caches' Redis (orders.cache); None: no caches, every read from PostgreSQL.
     #: From the environment: CACHE_URL, or the broker's Redis two databases on.
     cache_url: str | None = None
@@ -391,6 +398,11 @@ def _cache_url(given: str | None, broker_url: str) -> str | None:
     return broker_url
 
 
+def _off(disabled: str | None) -> bool:
+    """OTEL_SDK_DISABLED, as the SDK reads it: "true" (any case) turns it off."""
+    return (disabled or "").strip().lower() == "true"
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from the environment (``os.environ`` unless given)."""
     env = os.environ if environ is None else environ
@@ -483,6 +495,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_max_resumes=_number(env, "BATCH_MAX_RESUMES", int, d.batch_max_resumes),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
         log_format=env.get("LOG_FORMAT", d.log_format).lower(),
+        otel_endpoint=None
+        if _off(env.get("OTEL_SDK_DISABLED"))
+        else env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or None,
+        traces_file=None if _off(env.get("OTEL_SDK_DISABLED")) else env.get("TRACES_FILE") or None,
         cache_url=_cache_url(env.get("CACHE_URL"), broker_url),
         credit_precheck=env.get("CREDIT_PRECHECK", "") == "1",
         cache_timeout_seconds=_number(env, "CACHE_TIMEOUT_SECONDS", float, d.cache_timeout_seconds),

@@ -9,6 +9,7 @@ from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, create_engine
 
+from config import tracing
 from config.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
             ("idle_in_transaction_session_timeout", settings.db_idle_in_transaction_seconds),
         )
     )
-    return create_engine(
+    engine = create_engine(
         settings.database_url,
         pool_size=pool.pool_size,
         max_overflow=pool.max_overflow,
@@ -48,6 +49,8 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
             "options": timeouts,
         },
     )
+    tracing.instrument_engine(engine)  # each statement a span, when traces are on
+    return engine
 
 
 #: What each open ``transaction`` asked to run after its commit.

@@ -54,6 +54,8 @@ class SagaTimeline:
     accepted_at: datetime
     finished_at: datetime | None
     steps: tuple[TimelineStep, ...]
+    #: The OpenTelemetry trace of the order (config.tracing); None with traces off.
+    trace_id: str | None = None
 
 
 class TimelineSource(Protocol):

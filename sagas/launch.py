@@ -13,6 +13,7 @@ from uuid import UUID
 from celery import Celery
 from sqlalchemy import Connection, Engine, delete, select, text, update
 
+from config import tracing
 from config.failpoints import failpoint
 from orders.ports import SagaStart
 from sagas.canvas import dispatch_saga
@@ -33,10 +34,18 @@ RELAY_LEASE = timedelta(seconds=10)
 def stage_saga(
     conn: Connection, definition: SagaDefinition, start: SagaStart, *, deadline: timedelta
 ) -> None:
-    """Record a running saga and its outbox entry in the caller's transaction."""
+    """Record a running saga and its outbox entry in the caller's transaction, with the
+    current trace's context (the request's span, which gets the order and saga ids)."""
     now = datetime.now(UTC)
+    tracing.annotate(order_id=start.order_id, saga_id=start.saga_id)
     create_saga(
-        conn, start.saga_id, definition.name, start.payload, now=now, deadline_at=now + deadline
+        conn,
+        start.saga_id,
+        definition.name,
+        start.payload,
+        now=now,
+        deadline_at=now + deadline,
+        trace_context=tracing.current_traceparent(),
     )
 
 
@@ -155,15 +164,17 @@ def relay_outbox(
         if not ids:
             return 0
         claimed = conn.execute(
-            select(sagas.c.id, sagas.c.name, sagas.c.state, sagas.c.payload).where(
-                sagas.c.id.in_(ids)
-            )
+            select(
+                sagas.c.id, sagas.c.name, sagas.c.state, sagas.c.payload, sagas.c.trace_context
+            ).where(sagas.c.id.in_(ids))
         ).all()
     done: list[UUID] = []
     try:
         for saga in claimed:
             if saga.state == SagaState.RUNNING:
-                dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
+                # In the order's trace: the steps it sends are children of this span.
+                with tracing.resumed(saga.trace_context, "outbox relay", saga_id=saga.id):
+                    dispatch_saga(app, definitions[saga.name], saga.id, saga.payload)
             # else: finished meanwhile (its dispatch worked, the delete did not)
             done.append(saga.id)
         failpoint("relay.after_publish")

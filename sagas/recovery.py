@@ -29,6 +29,7 @@ from uuid import UUID
 from celery import Celery
 from sqlalchemy import Engine
 
+from config import tracing
 from sagas import runner, store
 from sagas.canvas import dispatch_saga
 from sagas.engine import TIMED_OUT, SagaState
@@ -143,7 +144,8 @@ def recover(
     if claimed.state is SagaState.RUNNING and missing and now < expires_at:
         if not ready:
             return "waiting"
-        dispatch_saga(app, saga.definition, saga_id, claimed.payload)
+        with tracing.resumed(claimed.trace_context, "sweeper redrive", saga_id=saga_id):
+            dispatch_saga(app, saga.definition, saga_id, claimed.payload)
         redrives = claimed.redrives + 1
         next_look = min(now + policy.redrive_wait(redrives), expires_at)
         with engine.begin() as conn:
@@ -155,14 +157,15 @@ def recover(
             redrives,
         )
         return "redriven"
-    done = runner.complete(
-        engine,
-        saga,
-        saga_id,
-        retry_after=policy.compensation_wait,
-        abort_missing=TIMED_OUT,
-        escalate=escalate,
-    )
+    with tracing.resumed(claimed.trace_context, "sweeper completion", saga_id=saga_id):
+        done = runner.complete(
+            engine,
+            saga,
+            saga_id,
+            retry_after=policy.compensation_wait,
+            abort_missing=TIMED_OUT,
+            escalate=escalate,
+        )
     if on_complete is not None:
         on_complete(done)
     return "completed"

@@ -31,6 +31,8 @@ class LockedSaga:
     #: Times the sweeper took it up; for a saga whose compensation failed, how many
     #: times the compensation failed.
     recovery_attempts: int = 0
+    #: The W3C traceparent stored with the saga (config.tracing), if any.
+    trace_context: str | None = None
 
 
 _s, _st = sagas.c, saga_steps.c
@@ -47,6 +49,7 @@ _CREATE = insert(outbox).from_select(
             payload=bindparam("payload", type_=JSONB),
             deadline_at=bindparam("deadline_at"),
             created_at=bindparam("now"),
+            trace_context=bindparam("trace_context"),
         )
         .returning(_s.id)
         .cte("new_saga")
@@ -117,8 +120,10 @@ def create_saga(
     *,
     now: datetime,
     deadline_at: datetime,
+    trace_context: str | None = None,
 ) -> None:
-    """Record a new running saga and its outbox entry."""
+    """Record a new running saga and its outbox entry (``trace_context``: the W3C
+    traceparent its later dispatches join, if traces are on)."""
     conn.execute(
         _CREATE,
         {
@@ -127,6 +132,7 @@ def create_saga(
             "payload": dict(payload),
             "deadline_at": deadline_at,
             "now": now,
+            "trace_context": trace_context,
         },
     )
 
@@ -247,6 +253,7 @@ def claim_overdue(
             sagas.c.redrives,
             sagas.c.created_at,
             sagas.c.recovery_attempts,
+            sagas.c.trace_context,
         )
     ).first()
     if claimed is None:
@@ -261,6 +268,7 @@ def claim_overdue(
         claimed.redrives,
         claimed.created_at,
         claimed.recovery_attempts,
+        claimed.trace_context,
     )
 
 

@@ -43,6 +43,9 @@ sagas = Table(
     Column("recovery_attempts", Integer, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    #: The W3C traceparent of the request that started the saga (config.tracing), so
+    #: that a later dispatch (relay, sweeper) joins its trace; NULL with traces off.
+    Column("trace_context", Text),
     CheckConstraint(
         "state IN ('RUNNING', 'CONFIRMED', 'CANCELLED', 'COMPENSATION_FAILED')",
         name="known_state",

@@ -6,6 +6,7 @@ from uuid import UUID
 
 from sqlalchemy import Engine, bindparam, select
 
+from config.tracing import trace_id_of
 from orders.ports import SagaTimeline, TimelineStep
 from orders.tables import orders
 from sagas.tables import saga_steps, sagas
@@ -17,6 +18,7 @@ _READ = (
         sagas.c.state,
         sagas.c.reason,
         sagas.c.finished_at,
+        sagas.c.trace_context,
         saga_steps.c.step,
         saga_steps.c.started_at,
         saga_steps.c.finished_at.label("step_finished_at"),
@@ -64,4 +66,5 @@ class SqlTimeline:
             first.created_at,
             first.finished_at,
             steps,
+            trace_id_of(first.trace_context),
         )

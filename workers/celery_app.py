@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun, task_retry, worker_init
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    worker_init,
+    worker_process_shutdown,
+)
 
-from config import names
+from config import names, tracing
 from config.celeryconf import celery_config
 from config.logs import bind_log_context, clear_log_context, configure_logging
 from config.settings import Settings, load_settings
@@ -46,8 +53,30 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
         app.orders_runtime = runtime  # for the consumer (workers.consumer)
         register_tasks(app, runtime)
         app.steps["consumer"].add(LaneHeartbeat)
+        _trace(app, settings)
         _connect_signals(app, runtime)
     return app
+
+
+def _trace(app: Celery, settings: Settings) -> None:
+    """When traces are on (config.tracing): the instrumentations now, before the task
+    signals below are connected; the provider in the process that runs the tasks (a
+    prefork child, or the worker itself), before its first task; a flush at its exit.
+    The tasks beat sends every few seconds (the relay, the sweepers) start no trace."""
+    if not tracing.enabled(settings):
+        return
+
+    def _provider(**_: Any) -> None:
+        tracing.install_provider(settings, "orders-worker")
+
+    def _flush(**_: Any) -> None:
+        tracing.shutdown()
+
+    task_prerun.connect(_provider, weak=False)  # first: the run span needs the provider
+    worker_process_shutdown.connect(_flush, weak=False)
+    schedule = app.conf.beat_schedule.values()
+    periodic = [e["task"] for e in schedule if isinstance(e["schedule"], int | float)]
+    tracing.instrument(settings, quiet_tasks=periodic)
 
 
 def _connect_signals(app: Celery, runtime: Runtime) -> None:
@@ -72,6 +101,8 @@ def _connect_signals(app: Celery, runtime: Runtime) -> None:
             saga_id=saga_id,
             order_id=payload.get("order_id"),
         )
+        if task.name.startswith("saga."):
+            tracing.annotate(saga_id=saga_id, order_id=payload.get("order_id"))
 
     def _unbind(**_: Any) -> None:
         clear_log_context()

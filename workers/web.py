@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from flask import Flask
 
+from config import tracing
 from config.logs import configure_logging
 from config.settings import load_settings
 from orders import api
@@ -26,6 +27,8 @@ def create_app() -> Flask:
     """Build the API with its saga launcher, from the environment."""
     settings = load_settings()
     configure_logging(settings)
+    # Once per gunicorn worker (no preload: this runs after the fork); off by default.
+    tracing.install_provider(settings, "orders-api")
     engine = make_engine(settings, application_name="orders-api")
     publisher = create_celery(settings, publisher=True)
     deadline = timedelta(seconds=settings.saga_deadline_seconds)
@@ -40,7 +43,7 @@ def create_app() -> Flask:
         if settings.cache_url
         else None
     )
-    return api.create_app(
+    app = api.create_app(
         settings,
         starter=launcher,
         engine=engine,
@@ -48,3 +51,5 @@ def create_app() -> Flask:
         timeline=SqlTimeline(engine),
         operations=operations,
     )
+    tracing.instrument_flask(app)
+    return app

@@ -171,6 +171,8 @@ class TimelineOut(BaseModel):
     accepted_at: datetime
     finished_at: datetime | None
     steps: list[TimelineStepOut]
+    #: The order's OpenTelemetry trace id (32 hex digits); null when traces are off.
+    trace_id: str | None = None
 
 
 class HealthOut(BaseModel):

@@ -107,6 +107,7 @@ def timeline_json(timeline: SagaTimeline) -> dict[str, object]:
             }
             for step in timeline.steps
         ],
+        "trace_id": timeline.trace_id,
     }
 
 
@@ -140,6 +141,7 @@ def render_html(timeline: SagaTimeline) -> str:
             f'<line x1="{x:.1f}" y1="10" x2="{x:.1f}" y2="{axis_y}" class="grid"/>'
             f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle">{at:.0f} ms</text>'
         )
+    traced = f" Trace <code>{escape(timeline.trace_id)}</code>." if timeline.trace_id else ""
     title = f"Order {timeline.order_id}: {timeline.state}"
     if timeline.reason:
         title += f" ({timeline.reason})"
@@ -152,7 +154,7 @@ line.grid {{ stroke: #e0e0e0; }}
 </style></head><body>
 <h1 style="font-size:18px">{escape(title)}</h1>
 <p>Saga {timeline.saga_id}, accepted {timeline.accepted_at.isoformat()}; time in ms after
-acceptance. Steps whose bars overlap ran at the same time.</p>
+acceptance. Steps whose bars overlap ran at the same time.{traced}</p>
 <svg xmlns="http://www.w3.org/2000/svg" width="{LABEL_WIDTH + AXIS_WIDTH + 260}"
  height="{height}" role="img" aria-label="saga timeline">
 {"".join(ticks)}{"".join(rows)}
