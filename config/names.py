@@ -37,6 +37,12 @@ RESERVE_STOCK = "saga.order.reserve_stock"
 RESERVE_CREDIT = "saga.order.reserve_credit"
 #: Saga completion: confirm the order or compensate and cancel it (chord body).
 COMPLETE_ORDER = "saga.order.complete"
+#: Refund saga step: put a refunded order's units back on hand (chord header member).
+RETURN_STOCK = "saga.refund.return_stock"
+#: Refund saga step: give a refunded order's amount back to the credit (chord header member).
+RETURN_CREDIT = "saga.refund.return_credit"
+#: Refund completion: mark the order REFUNDED, or take back what was returned (chord body).
+COMPLETE_REFUND = "saga.refund.complete"
 #: Outbox relay: dispatch sagas whose fast-path dispatch did not happen.
 RELAY_OUTBOX = "housekeeping.relay_outbox"
 #: Deadline sweeper: redrive or finish sagas past their deadline.
@@ -68,6 +74,9 @@ ROUTES: dict[str, Lane] = {
     RESERVE_STOCK: Lane.SAGA,
     RESERVE_CREDIT: Lane.SAGA,
     COMPLETE_ORDER: Lane.SAGA,
+    RETURN_STOCK: Lane.SAGA,
+    RETURN_CREDIT: Lane.SAGA,
+    COMPLETE_REFUND: Lane.SAGA,
     RELAY_OUTBOX: Lane.DEFAULT,
     SWEEP_SAGAS: Lane.DEFAULT,
     CHECK_EVENTS: Lane.HOUSEKEEPING,

@@ -34,6 +34,21 @@ _RELEASE = (
     .values(credit_reserved=_c.credit_reserved - _amount, credit_version=_c.credit_version + 1)
     .returning(*FIGURES)
 )
+#: A refund: credit used goes down by the order's amount (never below nothing).
+_RETURN = (
+    update(customers)
+    .where(_c.id == bindparam("account"))
+    .where(_c.credit_used >= _amount)
+    .values(credit_used=_c.credit_used - _amount, credit_version=_c.credit_version + 1)
+    .returning(*FIGURES)
+)
+#: A refund undone: the amount is used again (even past a limit lowered meanwhile).
+_TAKE_BACK = (
+    update(customers)
+    .where(_c.id == bindparam("account"))
+    .values(credit_used=_c.credit_used + _amount, credit_version=_c.credit_version + 1)
+    .returning(*FIGURES)
+)
 _FIGURES = select(*FIGURES).where(_c.id == func.any(bindparam("ids", type_=ARRAY(String))))
 #: A reservation becomes credit used; used by ``orders.services.confirm_order`` inside
 #: its single statement.
@@ -80,6 +95,21 @@ def credit_figures(conn: Connection, customer_ids: Sequence[str]) -> list[Credit
 def release_credit(conn: Connection, customer_id: str, amount: Decimal) -> CreditFigures:
     """Give a reservation back (compensation); the new figures."""
     row = conn.execute(_RELEASE, {"account": customer_id, "amount": amount}).first()
+    if row is None:
+        raise LookupError(f"no customer {customer_id!r}")
+    return CreditFigures(*row)
+
+
+def return_credit(conn: Connection, customer_id: str, amount: Decimal) -> CreditFigures | None:
+    """Give a refunded order's amount back to the customer's credit; the new figures, or
+    None when the customer does not use that much (the refund is then refused)."""
+    row = conn.execute(_RETURN, {"account": customer_id, "amount": amount}).first()
+    return None if row is None else CreditFigures(*row)
+
+
+def take_back_credit(conn: Connection, customer_id: str, amount: Decimal) -> CreditFigures:
+    """Undo ``return_credit`` (compensation of a refund); the new figures."""
+    row = conn.execute(_TAKE_BACK, {"account": customer_id, "amount": amount}).first()
     if row is None:
         raise LookupError(f"no customer {customer_id!r}")
     return CreditFigures(*row)

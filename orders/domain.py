@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
+from uuid import UUID
 
 #: Money has two decimal places; amounts are rounded half-even to them.
 CENT = Decimal("0.01")
@@ -19,12 +20,14 @@ def money(value: Decimal | int | str) -> Decimal:
 
 class OrderStatus(StrEnum):
     """Where an order stands. PENDING ends CONFIRMED or CANCELLED; an order whose
-    reservations could not be released waits in COMPENSATION_FAILED until they are."""
+    reservations could not be released waits in COMPENSATION_FAILED until they are. A
+    CONFIRMED order whose refund completed is REFUNDED (final: nothing changes it)."""
 
     PENDING = "PENDING"
     CONFIRMED = "CONFIRMED"
     CANCELLED = "CANCELLED"
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    REFUNDED = "REFUNDED"
 
 
 #: The statuses an order can move to from each status.
@@ -33,8 +36,9 @@ TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
         {OrderStatus.CONFIRMED, OrderStatus.CANCELLED, OrderStatus.COMPENSATION_FAILED}
     ),
     OrderStatus.COMPENSATION_FAILED: frozenset({OrderStatus.CANCELLED}),
-    OrderStatus.CONFIRMED: frozenset(),
+    OrderStatus.CONFIRMED: frozenset({OrderStatus.REFUNDED}),
     OrderStatus.CANCELLED: frozenset(),
+    OrderStatus.REFUNDED: frozenset(),
 }
 
 
@@ -48,6 +52,8 @@ class CancelReason(StrEnum):
 
     OUT_OF_STOCK = "out_of_stock"
     CREDIT_LIMIT_EXCEEDED = "credit_limit_exceeded"
+    #: The customer cancelled the order while its saga was running.
+    CUSTOMER_CANCELLED = "customer_cancelled"
 
 
 class EventType(StrEnum):
@@ -57,6 +63,39 @@ class EventType(StrEnum):
     ORDER_CONFIRMED = "OrderConfirmed"
     ORDER_CANCELLED = "OrderCancelled"
     ORDER_COMPENSATION_FAILED = "OrderCompensationFailed"
+    #: The customer asked to cancel (no change of status: what follows says what it did,
+    #: OrderCancelled, or a refund when the order was confirmed first).
+    ORDER_CANCEL_REQUESTED = "OrderCancelRequested"
+    #: A refund saga started for the confirmed order (payload: its refund_saga_id).
+    ORDER_REFUND_REQUESTED = "OrderRefundRequested"
+    #: The refund completed: stock and credit returned, the order REFUNDED.
+    ORDER_REFUNDED = "OrderRefunded"
+    #: The refund was refused or failed; what it had returned was taken back and the
+    #: order stays CONFIRMED (payload: reason, refund_saga_id).
+    ORDER_REFUND_FAILED = "OrderRefundFailed"
+
+
+class OrderAction(StrEnum):
+    """What a customer may ask of an order after placing it."""
+
+    CANCEL = "cancel"
+    REFUND = "refund"
+
+
+@dataclass(frozen=True)
+class ActOnOrder:
+    """The command to cancel or refund an order, as the API parsed it (the key already
+    allowed to act for the order's customer)."""
+
+    order_id: UUID
+    action: OrderAction
+    #: Who sent it (idempotency keys are scoped per client).
+    client: str
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """A digest of what was asked, to tell a retry from a different request."""
+        return hashlib.sha256(f"{self.action}:{self.order_id}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,16 @@ COMMIT = (
     .values(reserved=_p.reserved - _lines.c.qty, on_hand=_p.on_hand - _lines.c.qty)
 )
 
+#: A refund: units come back on hand.
+_RETURN = update(products).where(_p.id == _lines.c.id).values(on_hand=_p.on_hand + _lines.c.qty)
+#: A refund undone: returned units go again, if they were not reserved meanwhile.
+_TAKE_BACK = (
+    update(products)
+    .where(_p.id == _lines.c.id)
+    .where(_p.on_hand - _p.reserved >= _lines.c.qty)
+    .values(on_hand=_p.on_hand - _lines.c.qty)
+)
+
 
 def arrays(lines: Lines) -> dict[str, list[str] | list[int]]:
     """The lines as the parameters of the statements on several lines (ids, qtys), in
@@ -80,3 +90,14 @@ def _adjust(conn: Connection, statement: Update, lines: Lines) -> None:
     done = conn.execute(statement, arrays(lines))
     if done.rowcount != len(lines):
         raise LookupError(f"stock change touched {done.rowcount} of {len(lines)} products")
+
+
+def return_stock(conn: Connection, lines: Lines) -> None:
+    """Put the units of a refunded order back on hand."""
+    _adjust(conn, _RETURN, lines)
+
+
+def take_back_stock(conn: Connection, lines: Lines) -> None:
+    """Undo ``return_stock`` (compensation of a refund). LookupError when units it
+    returned were reserved meanwhile: the caller's transaction must then roll back."""
+    _adjust(conn, _TAKE_BACK, lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -28,6 +28,16 @@ class SagaStarter(Protocol):
 
     def launch(self, start: SagaStart) -> bool:
         """Dispatch a committed saga now; False if it was left to the outbox relay."""
+
+
+class SagaCanceller(Protocol):
+    """Cancels a running saga on request (a customer's cancel)."""
+
+    def cancel(self, saga_id: UUID, reason: str, within: Callable[[Connection], None]) -> bool:
+        """Cancel the saga if it is still running: its steps without an outcome never take
+        effect, its applied ones are compensated, and its ``cancel`` records ``reason``;
+        ``within`` runs in the transaction that decides, under the saga's lock. False
+        when the saga was decided first (or is being compensated already)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,8 @@ class SagaTimeline:
     steps: tuple[TimelineStep, ...]
     #: The OpenTelemetry trace of the order (config.tracing); None with traces off.
     trace_id: str | None = None
+    #: The order's refund saga, when one was started (its order_id is the order's).
+    refund: SagaTimeline | None = None
 
 
 class TimelineSource(Protocol):

@@ -28,6 +28,8 @@ CREDIT_CHANGES = frozenset(
         EventType.ORDER_CONFIRMED.value,
         EventType.ORDER_CANCELLED.value,
         EventType.ORDER_COMPENSATION_FAILED.value,
+        EventType.ORDER_REFUNDED.value,
+        EventType.ORDER_REFUND_FAILED.value,
     }
 )
 
@@ -60,9 +62,9 @@ def figures_of(entry: Entry) -> credit.CreditFigures:
 
 class CacheRefresher:
     """Keeps the caches fresh: an order's events write its current status (never over a
-    newer one) and remove its cached details; confirmation and cancellation refresh the
-    customer's credit figures. Redis is written before the positions commit: an event is
-    applied again if the commit fails, which writes the same values."""
+    newer one) and remove its cached details; confirmation, cancellation and a refund's
+    end refresh the customer's credit figures. Redis is written before the positions
+    commit: an event is applied again if the commit fails, which writes the same values."""
 
     name = "caches"
 
@@ -97,8 +99,9 @@ class CacheRefresher:
 
 
 class CustomerSummaries:
-    """The per-customer order summary: orders placed, confirmed and cancelled, their
-    totals, the last order's date."""
+    """The per-customer order summary: orders placed, confirmed, cancelled and refunded,
+    their totals, the last order's date. A refunded order stays counted as confirmed
+    (it was); its refund is counted apart."""
 
     name = "customer_summary"
 
@@ -114,6 +117,8 @@ class CustomerSummaries:
                 "placed_total": Decimal(0),
                 "confirmed_total": Decimal(0),
                 "last_order_at": None,
+                "orders_refunded": 0,
+                "refunded_total": Decimal(0),
             }
         )
         for event in events:
@@ -128,6 +133,9 @@ class CustomerSummaries:
                 delta["confirmed_total"] += row.total
             elif event.type == EventType.ORDER_CANCELLED:
                 delta["orders_cancelled"] += 1
+            elif event.type == EventType.ORDER_REFUNDED:
+                delta["orders_refunded"] += 1
+                delta["refunded_total"] += row.total
         if not deltas:
             return
         s = customer_order_summaries.c
@@ -145,6 +153,8 @@ class CustomerSummaries:
                     "placed_total": s.placed_total + new.placed_total,
                     "confirmed_total": s.confirmed_total + new.confirmed_total,
                     "last_order_at": func.greatest(s.last_order_at, new.last_order_at),
+                    "orders_refunded": s.orders_refunded + new.orders_refunded,
+                    "refunded_total": s.refunded_total + new.refunded_total,
                 },
             )
         )

@@ -262,6 +262,8 @@ class CustomerSummary:
     placed_total: Decimal
     confirmed_total: Decimal
     last_order_at: datetime | None
+    orders_refunded: int = 0
+    refunded_total: Decimal = Decimal(0)
 
 
 def customer_summary(engine: Engine, customer_id: str) -> CustomerSummary | None:
@@ -277,6 +279,8 @@ def customer_summary(engine: Engine, customer_id: str) -> CustomerSummary | None
                 func.coalesce(s.placed_total, 0),
                 func.coalesce(s.confirmed_total, 0),
                 s.last_order_at,
+                func.coalesce(s.orders_refunded, 0),
+                func.coalesce(s.refunded_total, 0),
             )
             .select_from(customers.outerjoin(customer_order_summaries))
             .where(customers.c.id == customer_id)

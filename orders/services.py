@@ -1,4 +1,5 @@
-"""The order use cases: accept an order, confirm it, cancel it."""
+"""The order use cases: accept an order, confirm it, cancel it, refund it (the requests
+to cancel or refund are orders.lifecycle's)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from uuid import UUID
 
 from sqlalchemy import (
     Connection,
+    DateTime,
     Engine,
     Integer,
     Numeric,
@@ -110,7 +112,8 @@ _INSERT_ORDER = insert(order_events).from_select(
     ).add_cte(_lines_written),
 )
 
-#: A legal status change and its event, in one statement: no row when not legal.
+#: A legal status change and its event, in one statement: no row when not legal. (An
+#: event that changes no status moves the order to the status it has.)
 _moved = (
     update(orders)
     .where(_o.id == bindparam("order_id"))
@@ -121,6 +124,9 @@ _moved = (
         updated_at=bindparam("now"),
         cancel_reason=bindparam("cancel_reason"),
         problem=bindparam("problem"),
+        confirmed_at=func.coalesce(
+            _o.confirmed_at, bindparam("confirmed_at", type_=DateTime(timezone=True))
+        ),
     )
     .returning(_o.id, _o.version, _o.created_at)
     .cte("moved")
@@ -302,6 +308,49 @@ def mark_compensation_failed(conn: Connection, order_id: UUID, reason: str, prob
     )
 
 
+def mark_refunded(conn: Connection, order_id: UUID, payload: dict[str, Any]) -> None:
+    """The refund completed: the confirmed order becomes REFUNDED, event OrderRefunded."""
+    _move(conn, order_id, OrderStatus.REFUNDED, EventType.ORDER_REFUNDED, payload)
+
+
+def append_event(
+    conn: Connection, order_id: UUID, status: OrderStatus, event: EventType, payload: dict[str, Any]
+) -> None:
+    """Append an event that changes no status to an order that is ``status``
+    (InvalidTransitionError when it is not). It clears the order's problem."""
+    parameters = _move_parameters(order_id, status, event, payload)
+    parameters["allowed"] = [status.value]
+    if conn.execute(_MOVE, parameters).scalar_one_or_none() is None:
+        raise InvalidTransitionError(f"order {order_id} is not {status}")
+
+
+def refund_failed(conn: Connection, order_id: UUID, refund_saga_id: UUID, reason: str) -> None:
+    """The refund was refused or failed, and what it returned was taken back: the order
+    stays CONFIRMED (event OrderRefundFailed) and may be refunded again."""
+    append_event(
+        conn,
+        order_id,
+        OrderStatus.CONFIRMED,
+        EventType.ORDER_REFUND_FAILED,
+        {"reason": reason, "refund_saga_id": str(refund_saga_id)},
+    )
+    conn.execute(
+        update(orders)
+        .where(orders.c.id == order_id, orders.c.refund_saga_id == refund_saga_id)
+        .values(refund_saga_id=None)
+    )
+
+
+def note_problem(conn: Connection, order_id: UUID, problem: str) -> None:
+    """Show on the order what holds it up (a refund whose undoing failed), without an
+    event: the problem is cleared by the order's next event."""
+    conn.execute(
+        update(orders)
+        .where(orders.c.id == order_id)
+        .values(problem=problem, updated_at=datetime.now(UTC))
+    )
+
+
 def _move(
     conn: Connection,
     order_id: UUID,
@@ -326,13 +375,16 @@ def _move_parameters(
     cancel_reason: str | None = None,
     problem: str | None = None,
 ) -> dict[str, Any]:
+    now = datetime.now(UTC)
     return {
         "order_id": order_id,
         "status": status.value,
         "allowed": [old.value for old in statuses_before(status)],
         "cancel_reason": cancel_reason,
         "problem": problem,
-        "now": datetime.now(UTC),
+        "now": now,
+        # Kept once set: only the confirmation sets it.
+        "confirmed_at": now if status is OrderStatus.CONFIRMED else None,
         "event": event.value,
         "payload": payload,
     }

@@ -87,8 +87,14 @@ orders = Table(
     Column("version", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: When the order was confirmed (the credit review tells with it whether an order
+    #: refunded since its checkpoint was inside the checkpoint's sum).
+    Column("confirmed_at", DateTime(timezone=True)),
+    #: The refund saga under way or done (REFUNDED); None when none was asked for, or
+    #: the last one failed (a new refund may then be asked for).
+    Column("refund_saga_id", Uuid),
     CheckConstraint(
-        "status IN ('PENDING', 'CONFIRMED', 'CANCELLED', 'COMPENSATION_FAILED')",
+        "status IN ('PENDING', 'CONFIRMED', 'CANCELLED', 'COMPENSATION_FAILED', 'REFUNDED')",
         name="known_status",
     ),
     CheckConstraint("total >= 0", name="total_not_negative"),
@@ -104,6 +110,13 @@ orders = Table(
         "ix_orders_active_customer",
         "customer_id",
         postgresql_where=text("status IN ('PENDING', 'COMPENSATION_FAILED')"),
+    ),
+    #: A refund saga refunds one order.
+    Index(
+        "uq_orders_refund_saga_id",
+        "refund_saga_id",
+        unique=True,
+        postgresql_where=text("refund_saga_id IS NOT NULL"),
     ),
 )
 
@@ -167,6 +180,22 @@ idempotency_keys = Table(
     ),
     #: Keys by age: the retention job removes the expired ones (workers.retention).
     Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
+#: The answers to cancel and refund requests that carried an Idempotency-Key: a retry
+#: with the same key gets the same answer.
+order_action_keys = Table(
+    "order_action_keys",
+    metadata,
+    Column("client", String(64), nullable=False),
+    Column("key", String(255), nullable=False),
+    #: sha256 of the action and the order: the same key for another request is refused.
+    Column("fingerprint", String(64), nullable=False),
+    Column("order_id", Uuid, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("answer", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("client", "key"),
+    Index("ix_order_action_keys_created_at", "created_at"),
 )
 
 #: Each customer's latest credit review (the batch credit check): the figures it saw,
@@ -252,6 +281,9 @@ customer_order_summaries = Table(
     Column("placed_total", Total, nullable=False, server_default="0"),
     Column("confirmed_total", Total, nullable=False, server_default="0"),
     Column("last_order_at", DateTime(timezone=True)),
+    #: Confirmed orders refunded since (they stay counted as confirmed too).
+    Column("orders_refunded", Integer, nullable=False, server_default="0"),
+    Column("refunded_total", Total, nullable=False, server_default="0"),
 )
 
 #: The API's keys: each names a client, its role and the customers it may act for. Only

@@ -4,7 +4,6 @@ release what was reserved and cancel it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -17,6 +16,8 @@ from orders.credit import CreditFigures
 from orders.db import after_commit
 from orders.domain import CancelReason
 from sagas.definition import SagaDefinition, Step
+from sagas.payloads import amount_of, customer_of, lines_of
+from sagas.refund import REFUND_SAGA
 
 RESERVE_STOCK = "reserve_stock"
 RESERVE_CREDIT = "reserve_credit"
@@ -29,18 +30,6 @@ ORDER_SAGA = SagaDefinition(
     ),
     complete_task=names.COMPLETE_ORDER,
 )
-
-
-def _lines(payload: Mapping[str, Any]) -> list[tuple[str, int]]:
-    return [(str(product_id), int(quantity)) for product_id, quantity in payload["lines"]]
-
-
-def _customer(payload: Mapping[str, Any]) -> str:
-    return str(payload["customer_id"])
-
-
-def _amount(payload: Mapping[str, Any]) -> Decimal:
-    return Decimal(payload["amount"])
 
 
 class OrderSaga:
@@ -61,11 +50,11 @@ class OrderSaga:
     def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
         """Reserve the stock or the credit; the refusal reason when there is not enough."""
         if step == RESERVE_STOCK:
-            if inventory.reserve_stock(conn, _lines(payload)):
+            if inventory.reserve_stock(conn, lines_of(payload)):
                 return None
             return CancelReason.OUT_OF_STOCK.value
         if step == RESERVE_CREDIT:
-            figures = credit.reserve_credit(conn, _customer(payload), _amount(payload))
+            figures = credit.reserve_credit(conn, customer_of(payload), amount_of(payload))
             if figures is not None:
                 self._credit_changed(conn, figures)
                 return None
@@ -75,17 +64,18 @@ class OrderSaga:
     def compensate(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> None:
         """Release the stock or the credit that the step reserved."""
         if step == RESERVE_STOCK:
-            inventory.release_stock(conn, _lines(payload))
+            inventory.release_stock(conn, lines_of(payload))
         elif step == RESERVE_CREDIT:
-            figures = credit.release_credit(conn, _customer(payload), _amount(payload))
+            figures = credit.release_credit(conn, customer_of(payload), amount_of(payload))
             self._credit_changed(conn, figures)
         else:
             raise ValueError(f"the order saga has no step {step!r}")
 
     def confirm(self, conn: Connection, payload: Mapping[str, Any]) -> None:
         """Turn both reservations into stock gone and credit used; confirm the order."""
+        order_id, lines = UUID(payload["order_id"]), lines_of(payload)
         figures = services.confirm_order(
-            conn, UUID(payload["order_id"]), _lines(payload), _customer(payload), _amount(payload)
+            conn, order_id, lines, customer_of(payload), amount_of(payload)
         )
         self._credit_changed(conn, figures)
 
@@ -100,5 +90,8 @@ class OrderSaga:
         services.mark_compensation_failed(conn, UUID(payload["order_id"]), reason, problem)
 
 
-#: Every saga definition by name, for the outbox relay.
-DEFINITIONS: Mapping[str, SagaDefinition] = {ORDER_SAGA.name: ORDER_SAGA}
+#: Every saga definition by name, for the outbox relay, the sweeper and the dead letters.
+DEFINITIONS: Mapping[str, SagaDefinition] = {
+    ORDER_SAGA.name: ORDER_SAGA,
+    REFUND_SAGA.name: REFUND_SAGA,
+}

@@ -108,12 +108,12 @@ def run_step(
             )
             if not recorded:
                 raise _AlreadyRecorded
-            failpoint("step.before_commit")
+            failpoint("step.before_commit", step)
     except _AlreadyRecorded:
         with engine.begin() as conn:
             outcome = store.count_redelivery(conn, saga_id, step)
         logger.info("saga %s step %s was already recorded: %s", saga_id, step, outcome.status)
-    failpoint("step.after_commit")
+    failpoint("step.after_commit", step)
     return outcome
 
 
@@ -190,6 +190,40 @@ def complete(
     return _record_compensation_failure(engine, saga, saga_id, failure, retry_after, escalate)
 
 
+#: Told, in the transaction that cancels a running saga on request and under its lock,
+#: that it does: what it writes commits with the decision.
+Within = Callable[[Connection], None]
+
+
+def cancel(
+    engine: Engine,
+    saga: SagaHandlers,
+    saga_id: UUID,
+    reason: str,
+    *,
+    retry_after: RetryAfter,
+    within: Within | None = None,
+    escalate: Escalate | None = None,
+) -> Completion:
+    """Cancel a running saga on request: its steps without an outcome are recorded
+    ABORTED with ``reason`` (a step committing meanwhile is waited for, and its outcome
+    stands), its applied steps are compensated, and it ends CANCELLED with ``reason``.
+
+    The saga's lock decides against its own completion: a saga decided first (or whose
+    compensation failed earlier: its cancellation is under way) is left alone and
+    ``Completion(None)`` returned. A compensation that fails leaves the saga
+    COMPENSATION_FAILED with ``reason``, as in ``complete`` (``within`` then runs in
+    that transaction)."""
+    try:
+        return _complete_once(
+            engine, saga, saga_id, reason, reason, running_only=True, within=within
+        )
+    except _DecisionFailed as failed:
+        return _record_compensation_failure(
+            engine, saga, saga_id, failed, retry_after, escalate, within
+        )
+
+
 def _complete_once(
     engine: Engine,
     saga: SagaHandlers,
@@ -197,6 +231,7 @@ def _complete_once(
     abort_missing: str | None,
     cancel_reason: str | None = None,
     running_only: bool = False,
+    within: Within | None = None,
 ) -> Completion:
     with transaction(engine) as conn:
         locked = store.lock_saga(conn, saga_id)
@@ -209,6 +244,8 @@ def _complete_once(
             return Completion(None)
         if locked.state is SagaState.COMPENSATION_FAILED:
             cancel_reason = locked.reason  # finish the cancellation that was decided
+        if within is not None:
+            within(conn)
         outcomes = _outcomes(conn, saga.definition, locked, abort_missing)
         decision = decide(saga.definition, outcomes, cancel_reason=cancel_reason)
         try:
@@ -218,8 +255,8 @@ def _complete_once(
                 raise
             logger.exception("saga %s: %s failed", saga_id, decision.state)
             raise _DecisionFailed(decision) from exc
-        failpoint("complete.before_commit")
-    failpoint("complete.after_commit")
+        failpoint("complete.before_commit", saga.definition.name)
+    failpoint("complete.after_commit", saga.definition.name)
     logger.info("saga %s %s %s", saga_id, decision.state, decision.reason or "")
     return Completion(decision, locked.created_at)
 
@@ -262,6 +299,7 @@ def _record_compensation_failure(
     failure: _DecisionFailed,
     retry_after: RetryAfter,
     escalate: Escalate | None,
+    within: Within | None = None,
 ) -> Completion:
     reason = failure.decision.reason or "cancelled"
     kind = type(failure.__cause__).__name__
@@ -270,6 +308,10 @@ def _record_compensation_failure(
         locked = store.lock_saga(conn, saga_id)
         if locked is None or locked.state in TERMINAL_STATES:
             return Completion(None)
+        if within is not None:
+            if locked.state is not SagaState.RUNNING:
+                return Completion(None)  # decided meanwhile by another
+            within(conn)
         failed_before = 0 if locked.state is SagaState.RUNNING else locked.recovery_attempts
         attempts = failed_before + 1
         wait = retry_after(attempts)

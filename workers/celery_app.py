@@ -24,6 +24,9 @@ from workers.metrics import TASK_RETRIES, serve
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
 
+#: The saga completions: their arguments are (step results, saga id).
+_COMPLETIONS = frozenset({names.COMPLETE_ORDER, names.COMPLETE_REFUND})
+
 
 def create_celery(settings: Settings | None = None, *, publisher: bool = False) -> Celery:
     """Build the Celery app. A ``publisher`` (the API) only sends messages: it registers
@@ -92,7 +95,7 @@ def _connect_signals(app: Celery, runtime: Runtime) -> None:
     def _bind(task_id: str, task: Any, args: Any = (), **_: Any) -> None:
         delivery = getattr(task.request, "delivery_info", None) or {}
         # Steps are (saga id, payload); the completion is (step results, saga id).
-        saga_id = args[-1] if task.name == names.COMPLETE_ORDER else (args or [None])[0]
+        saga_id = args[-1] if task.name in _COMPLETIONS else (args or [None])[0]
         payload = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
         bind_log_context(
             task=task.name,

@@ -200,7 +200,7 @@ def _blockers(
         ),
         "are of orders not final": (
             f"SELECT count(*) FROM {table} e JOIN orders o ON o.id = e.order_id"  # noqa: S608
-            " WHERE o.status NOT IN ('CONFIRMED', 'CANCELLED')",
+            " WHERE o.status NOT IN ('CONFIRMED', 'CANCELLED', 'REFUNDED')",
             {},
         ),
     }

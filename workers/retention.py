@@ -92,7 +92,8 @@ _SAGAS = text(
         SELECT s.id FROM sagas s
          WHERE s.state IN ('CONFIRMED', 'CANCELLED') AND s.finished_at < :cutoff
            AND NOT EXISTS (SELECT 1 FROM orders o
-                            WHERE o.saga_id = s.id AND o.status NOT IN ('CONFIRMED', 'CANCELLED'))
+                            WHERE o.saga_id = s.id
+                              AND o.status NOT IN ('CONFIRMED', 'CANCELLED', 'REFUNDED'))
          ORDER BY s.finished_at
          LIMIT :n
            FOR UPDATE OF s SKIP LOCKED
@@ -111,7 +112,8 @@ _IDEMPOTENCY_KEYS = text(
         SELECT k.ctid FROM idempotency_keys k
          WHERE k.created_at < :cutoff
            AND NOT EXISTS (SELECT 1 FROM orders o
-                            WHERE o.id = k.order_id AND o.status NOT IN ('CONFIRMED', 'CANCELLED'))
+                            WHERE o.id = k.order_id
+                              AND o.status NOT IN ('CONFIRMED', 'CANCELLED', 'REFUNDED'))
          ORDER BY k.created_at
          LIMIT :n
            FOR UPDATE OF k SKIP LOCKED
@@ -179,7 +181,7 @@ _EVENTS = text(
          LIMIT :n
     ), doomed AS (
         SELECT s.id, s.placed_at FROM span s JOIN orders o ON o.id = s.order_id
-         WHERE s.occurred_at < :cutoff AND o.status IN ('CONFIRMED', 'CANCELLED')
+         WHERE s.occurred_at < :cutoff AND o.status IN ('CONFIRMED', 'CANCELLED', 'REFUNDED')
            AND (SELECT count(*) FROM consumer_positions p
                  WHERE p.consumer = ANY(CAST(:consumers AS text[]))
                    AND p.order_id = s.order_id AND p.last_seq >= s.seq)

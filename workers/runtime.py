@@ -15,11 +15,26 @@ from orders.cache import CREDIT, Caches
 from orders.credit import CreditFigures
 from orders.db import make_engine
 from orders.projections import credit_entry
-from sagas.order import OrderSaga
+from sagas.order import ORDER_SAGA, OrderSaga
 from sagas.recovery import RecoveryPolicy
+from sagas.refund import REFUND_SAGA, RefundSaga
+from sagas.runner import SagaHandlers
 
 #: How long the count of one message's deliveries is kept.
 DELIVERY_COUNT_TTL = int(timedelta(days=1).total_seconds())
+
+
+def recovery_policy(settings: Settings) -> RecoveryPolicy:
+    """The sweeper's patience, from the settings."""
+    return RecoveryPolicy(
+        deadline=timedelta(seconds=settings.saga_deadline_seconds),
+        timeout=timedelta(seconds=settings.saga_timeout_seconds),
+        redrive_max=timedelta(seconds=settings.saga_redrive_max_seconds),
+        recheck=timedelta(seconds=settings.sweep_interval_seconds),
+        compensation_retry=timedelta(seconds=settings.compensation_retry_seconds),
+        compensation_retry_max=timedelta(seconds=settings.compensation_retry_max_seconds),
+        compensation_max_attempts=settings.compensation_max_attempts,
+    )
 
 
 class Runtime:
@@ -31,15 +46,13 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.order_saga = OrderSaga(on_credit=self._credit_changed)
-        self.recovery = RecoveryPolicy(
-            deadline=timedelta(seconds=settings.saga_deadline_seconds),
-            timeout=timedelta(seconds=settings.saga_timeout_seconds),
-            redrive_max=timedelta(seconds=settings.saga_redrive_max_seconds),
-            recheck=timedelta(seconds=settings.sweep_interval_seconds),
-            compensation_retry=timedelta(seconds=settings.compensation_retry_seconds),
-            compensation_retry_max=timedelta(seconds=settings.compensation_retry_max_seconds),
-            compensation_max_attempts=settings.compensation_max_attempts,
-        )
+        self.refund_saga = RefundSaga(on_credit=self._credit_changed)
+        #: Every saga's handlers by the saga's name (the sweeper's, the tasks').
+        self.sagas: dict[str, SagaHandlers] = {
+            ORDER_SAGA.name: self.order_saga,
+            REFUND_SAGA.name: self.refund_saga,
+        }
+        self.recovery = recovery_policy(settings)
         self._engine: Engine | None = None
         self._redis: Redis | None = None
         self._caches: Caches | None = None

@@ -16,7 +16,6 @@ from uuid import UUID
 
 from celery import Celery, Task
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import Connection
 
 from config import names
 from config.schedules import window_key
@@ -26,10 +25,12 @@ from sagas import runner
 from sagas.canvas import complete_task_id
 from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
-from sagas.order import DEFINITIONS, ORDER_SAGA
+from sagas.order import DEFINITIONS
 from sagas.recovery import sweep_overdue
-from workers import batch, dlq, liveness, retention
+from sagas.runner import SagaHandlers
+from workers import batch, liveness, retention
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
+from workers.escalation import escalate_compensation
 from workers.metrics import STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
@@ -42,20 +43,22 @@ POISON_MESSAGE = "poison_message"
 def register_tasks(app: Celery, runtime: Runtime) -> None:
     """Register every task of the system on ``app``, by the names in ``config.names``."""
     base = policy(runtime)
-    for step in ORDER_SAGA.steps:
-        _register_step(app, runtime, base, step.name, step.task)
-    sagas = {ORDER_SAGA.name: runtime.order_saga}
+    sagas = runtime.sagas
+    for saga in sagas.values():
+        for step in saga.definition.steps:
+            _register_step(app, runtime, base, saga, step.name, step.task)
 
     @app.task(shared=False, name=names.COMPLETE_ORDER, base=base, swept=True)
     def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
         """Chord body (or, with the database join, a step's completion that failed in
         the step): confirm the order, or compensate and cancel it (from the ledger)."""
-        try:
-            _complete(runtime, UUID(saga_id))
-        except runner.StepsPending:
-            # Sent on its own while another step had not committed: that step completes
-            # the saga when it does (or the sweeper, if it never does).
-            logger.info("saga %s: a step is still running; it completes the saga", saga_id)
+        _complete_sent(runtime, runtime.order_saga, saga_id)
+
+    @app.task(shared=False, name=names.COMPLETE_REFUND, base=base, swept=True)
+    def complete_refund(results: list[dict[str, Any]], saga_id: str) -> None:
+        """Chord body of the refund saga (or a step's completion sent on its own): mark
+        the order refunded, or take back what was returned (from the ledger)."""
+        _complete_sent(runtime, runtime.refund_saga, saga_id)
 
     @app.task(shared=False, name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
     def relay() -> int:
@@ -73,7 +76,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             runtime.recovery,
             lane_ready=lambda: _caught_up(runtime, runtime.settings.saga_queue),
             on_complete=record_completion,
-            escalate=_escalate,
+            escalate=escalate_compensation,
         )
         return vars(report)
 
@@ -105,16 +108,28 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         _register_bench_tasks(app, runtime, base)
 
 
-def _complete(runtime: Runtime, saga_id: UUID, *, running_only: bool = False) -> None:
+def _complete_sent(runtime: Runtime, saga: SagaHandlers, saga_id: str) -> None:
+    """A completion task: complete the saga unless a step is still running."""
+    try:
+        _complete(runtime, saga, UUID(saga_id))
+    except runner.StepsPending:
+        # Sent on its own while another step had not committed: that step completes
+        # the saga when it does (or the sweeper, if it never does).
+        logger.info("saga %s: a step is still running; it completes the saga", saga_id)
+
+
+def _complete(
+    runtime: Runtime, saga: SagaHandlers, saga_id: UUID, *, running_only: bool = False
+) -> None:
     """Complete the saga (see ``runner.complete``) and count what was decided."""
     done = briefly_retried(
         lambda: runner.complete(
             runtime.engine,
-            runtime.order_saga,
+            saga,
             saga_id,
             retry_after=runtime.recovery.compensation_wait,
             running_only=running_only,
-            escalate=_escalate,
+            escalate=escalate_compensation,
         )
     )
     record_completion(done)
@@ -129,22 +144,6 @@ def _caught_up(runtime: Runtime, queue: str) -> bool:
     except Exception as exc:
         logger.warning("cannot tell whether %s is consumed: %r", queue, exc)
         return False
-
-
-def _escalate(conn: Connection, saga_id: UUID, attempts: int, problem: str) -> None:
-    """A compensation that failed too often becomes a dead letter (one per saga), in the
-    transaction that gives it up: an operator replays it (``python -m workers.dlq replay
-    ID``) once the cause is mended, which hands the saga back to the sweeper."""
-    dlq.record_in(
-        conn,
-        task_id=f"{saga_id}.compensation",
-        task_name=names.COMPLETE_ORDER,
-        kind=dlq.COMPENSATION_FAILED,
-        error=f"the compensation failed {attempts} times; it is no longer retried: {problem}",
-        args=[[], str(saga_id)],
-        kwargs={},
-        attempts=attempts,
-    )
 
 
 def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:
@@ -214,7 +213,12 @@ def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) 
 
 
 def _register_step(
-    app: Celery, runtime: Runtime, base: type[PolicyTask], step: str, name: str
+    app: Celery,
+    runtime: Runtime,
+    base: type[PolicyTask],
+    saga: SagaHandlers,
+    step: str,
+    name: str,
 ) -> None:
     """A saga step, taking effect once per saga. When it gives up (retries used up, an
     unexpected error, a poison message) it records the step as aborted and returns that
@@ -229,7 +233,7 @@ def _register_step(
         if task.request.chord:
             return  # the chord's body completes the saga
         try:
-            _complete(runtime, saga_id, running_only=True)
+            _complete(runtime, saga, saga_id, running_only=True)
         except runner.StepsPending:
             return  # the last step to finish completes it
         except Exception as exc:
@@ -238,7 +242,7 @@ def _register_step(
             logger.warning("saga %s: completion failed, sent on its own: %r", saga_id, exc)
             try:
                 app.send_task(
-                    names.COMPLETE_ORDER,
+                    saga.definition.complete_task,
                     args=([], str(saga_id)),
                     task_id=complete_task_id(saga_id),
                     ignore_result=True,
@@ -267,7 +271,7 @@ def _register_step(
         outcome = briefly_retried(
             lambda: runner.run_step(
                 runtime.engine,
-                runtime.order_saga,
+                saga,
                 UUID(saga_id),
                 step,
                 payload,

@@ -1,8 +1,9 @@
 """Entry point of the API process: ``gunicorn 'workers.web:create_app()'``.
 
-Composes the HTTP API (``orders.api``) with its ports: the saga launcher
-(``sagas.launch``, publishing chords through a publisher-only Celery app), the saga
-timeline (``sagas.timeline``) and the operators' tools (``workers.admin``)."""
+Composes the HTTP API (``orders.api``) with its ports: the saga launchers of orders and
+refunds (``sagas.launch``, publishing chords through a publisher-only Celery app), the
+canceller of running order sagas (``sagas.refund``), the saga timeline
+(``sagas.timeline``) and the operators' tools (``workers.admin``)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from config import tracing
 from config.logs import configure_logging
 from config.settings import load_settings
 from orders import api
-from orders.cache import Caches
+from orders.cache import CREDIT, Caches
+from orders.credit import CreditFigures
 from orders.db import make_engine
+from orders.projections import credit_entry
 from sagas.launch import ChordLauncher
-from sagas.order import DEFINITIONS, ORDER_SAGA
+from sagas.order import DEFINITIONS, ORDER_SAGA, OrderSaga
+from sagas.refund import REFUND_SAGA, RunningSagaCanceller
 from sagas.timeline import SqlTimeline
 from workers.admin import Operations
 from workers.celery_app import create_celery
+from workers.escalation import escalate_compensation
+from workers.runtime import recovery_policy
 
 
 def create_app() -> Flask:
@@ -33,6 +39,7 @@ def create_app() -> Flask:
     publisher = create_celery(settings, publisher=True)
     deadline = timedelta(seconds=settings.saga_deadline_seconds)
     launcher = ChordLauncher(engine, publisher, ORDER_SAGA, deadline)
+    refunds = ChordLauncher(engine, publisher, REFUND_SAGA, deadline)
     operations = Operations(engine, publisher, settings, DEFINITIONS)
     caches = (
         Caches(
@@ -43,6 +50,19 @@ def create_app() -> Flask:
         if settings.cache_url
         else None
     )
+
+    def credit_changed(figures: CreditFigures) -> None:
+        if caches is not None:
+            caches.put(CREDIT, {figures.customer_id: credit_entry(figures)})
+
+    # A customer's cancel decides the running order saga in the request (a refund
+    # starts the refund saga as an order starts its own).
+    canceller = RunningSagaCanceller(
+        engine,
+        OrderSaga(on_credit=credit_changed),
+        recovery_policy(settings).compensation_wait,
+        escalate_compensation,
+    )
     app = api.create_app(
         settings,
         starter=launcher,
@@ -50,6 +70,8 @@ def create_app() -> Flask:
         caches=caches,
         timeline=SqlTimeline(engine),
         operations=operations,
+        canceller=canceller,
+        refunds=refunds,
     )
     tracing.instrument_flask(app)
     return app

@@ -19,7 +19,7 @@ from orders.api.routes import customers_blueprint, orders_blueprint
 from orders.api.timeline import timeline_blueprint
 from orders.cache import Caches
 from orders.db import make_engine
-from orders.ports import Operations, SagaStarter, TimelineSource
+from orders.ports import Operations, SagaCanceller, SagaStarter, TimelineSource
 from orders.reads import Reader
 
 #: Seconds a readiness probe waits for the database or Redis.
@@ -34,9 +34,12 @@ def create_app(
     timeline: TimelineSource | None = None,
     operations: Operations | None = None,
     caches: Caches | None = None,
+    canceller: SagaCanceller | None = None,
+    refunds: SagaStarter | None = None,
 ) -> Flask:
-    """Build the API. ``starter`` dispatches sagas; ``timeline`` (optional) reads saga
-    timelines; ``operations`` (optional) serves the operators' endpoints; ``engine``
+    """Build the API. ``starter`` dispatches sagas; ``canceller`` and ``refunds``
+    (optional, together) serve the cancel and refund endpoints; ``timeline`` (optional)
+    reads saga timelines; ``operations`` (optional) serves the operators' endpoints; ``engine``
     defaults to a new one."""
     settings = settings or load_settings()
     engine = engine or make_engine(settings, application_name="orders-api")
@@ -70,7 +73,9 @@ def create_app(
 
     app.register_blueprint(health_blueprint({"database": database, "redis": broker}))
     reader = Reader(engine, caches)
-    app.register_blueprint(orders_blueprint(settings, engine, starter, reader))
+    app.register_blueprint(
+        orders_blueprint(settings, engine, starter, reader, canceller=canceller, refunds=refunds)
+    )
     app.register_blueprint(customers_blueprint(settings, engine, reader))
     if timeline is not None:
         app.register_blueprint(timeline_blueprint(settings, engine, timeline, reader))

@@ -18,6 +18,7 @@ from orders.api.routes import MAX_IDEMPOTENCY_KEY, MAX_PAGE_SIZE, MAX_STATUS_IDS
 from orders.api.schemas import (
     REF_PATTERN,
     AcceptedOut,
+    ActionOut,
     BatchRunOut,
     CreditOut,
     CustomerOrdersOut,
@@ -257,6 +258,49 @@ def _order_paths(settings: Settings) -> dict[str, Any]:
         ),
         "/orders/{order_id}/timeline": timeline,
         "/orders/{order_id}/timeline.html": page,
+        "/orders/{order_id}/cancel": _action(
+            "Cancel the order (a refund when it was confirmed first)",
+            "A PENDING order is cancelled at once (reason customer_cancelled): what its "
+            "saga reserved is released, whether the cancel or the saga's own decision "
+            "comes first. If the saga confirmed first, the cancel starts a refund; the "
+            "answer's outcome says which. A refund under way or done answers that refund. "
+            "A CANCELLED order (or one being cancelled): 409, nothing changes.",
+            idempotency_key,
+        ),
+        "/orders/{order_id}/refund": _action(
+            "Refund a confirmed order: a saga returns its stock and its credit",
+            "The refund saga returns the units on hand and the amount to the customer's "
+            "credit, in parallel, then the order is REFUNDED (follow Location). Asked "
+            "again while it runs, or once the order is REFUNDED: the same refund. A refund "
+            "that fails leaves the order CONFIRMED (event OrderRefundFailed); it may be "
+            "asked for again. An order not CONFIRMED: 409.",
+            idempotency_key,
+        ),
+    }
+
+
+def _action(summary: str, description: str, idempotency_key: dict[str, Any]) -> dict[str, Any]:
+    key = {
+        **idempotency_key,
+        "description": "A retried request with the same key gets the same answer (202); "
+        "the same key for another order or action is refused (422). "
+        + idempotency_key["description"].split(". ", 1)[1],
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "parameters": [ORDER_ID, key],
+            "responses": {
+                "202": {
+                    "description": "Done (cancelled) or started (refund). Location: the "
+                    "status URL.",
+                    "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+                    "content": {"application/json": {"schema": _ref(ActionOut)}},
+                },
+                **_problems(*_KEYED, 400, 404, 409, 422),
+            },
+        }
     }
 
 
@@ -438,6 +482,7 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
     schemas = _components(
         OrderIn,
         AcceptedOut,
+        ActionOut,
         OrderOut,
         StatusOut,
         StatusesOut,

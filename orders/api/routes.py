@@ -1,5 +1,5 @@
-"""The orders endpoints (accept an order, read it, read statuses) and the customers'
-read side (their orders, summary and credit)."""
+"""The orders endpoints (accept an order, read it, read statuses, cancel it, refund it)
+and the customers' read side (their orders, summary and credit)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ from flask import Blueprint, Response, g, request
 from sqlalchemy import Engine
 from werkzeug.exceptions import (
     BadRequest,
+    Conflict,
     HTTPException,
     NotFound,
 )
 
 from config.settings import Settings
-from orders import queries, services
+from orders import lifecycle, queries, services
 from orders.api.auth import may_see, require_customer, require_key
 from orders.api.bodies import read_json
 from orders.api.schemas import (
     REF_PATTERN,
     AcceptedOut,
+    ActionOut,
     CreditOut,
     CustomerOrdersOut,
     CustomerSummaryOut,
@@ -36,9 +38,9 @@ from orders.api.schemas import (
     StatusesOut,
     StatusOut,
 )
-from orders.domain import OrderLine, OrderStatus, PlaceOrder
-from orders.errors import InvalidOrderError
-from orders.ports import SagaStarter
+from orders.domain import ActOnOrder, OrderAction, OrderLine, OrderStatus, PlaceOrder
+from orders.errors import InvalidOrderError, InvalidTransitionError
+from orders.ports import SagaCanceller, SagaStarter
 from orders.queries import OrderView, StatusView
 from orders.reads import Reader
 
@@ -55,9 +57,16 @@ _REF = re.compile(REF_PATTERN)
 
 
 def orders_blueprint(
-    settings: Settings, engine: Engine, starter: SagaStarter, reader: Reader
+    settings: Settings,
+    engine: Engine,
+    starter: SagaStarter,
+    reader: Reader,
+    *,
+    canceller: SagaCanceller | None = None,
+    refunds: SagaStarter | None = None,
 ) -> Blueprint:
-    """The ``/orders`` endpoints, bound to this app's engine, saga starter and reader."""
+    """The ``/orders`` endpoints, bound to this app's engine, saga starter and reader;
+    with ``canceller`` and ``refunds``, also cancel and refund."""
     bp = Blueprint("orders", __name__, url_prefix="/orders")
 
     @bp.before_request
@@ -119,6 +128,43 @@ def orders_blueprint(
             raise NotFound(f"no order {order_id}")
         return _json(_status_out(view).model_dump(mode="json"))
 
+    if canceller is None or refunds is None:
+        return bp
+
+    def act(order_id: str, action: OrderAction) -> Response:
+        key = _idempotency_key()
+        wanted = _uuid(order_id)
+        # An order outside the key's customers is not there, as far as this key can tell.
+        view = reader.status(wanted)
+        if view is None or not may_see(view.customer_id):
+            raise NotFound(f"no order {order_id}")
+        cmd = ActOnOrder(wanted, action, client=g.client, idempotency_key=key)
+        try:
+            if action is OrderAction.CANCEL:
+                taken = lifecycle.cancel_order(engine, cmd, canceller, refunds)
+            else:
+                taken = lifecycle.refund_order(engine, cmd, refunds)
+        except InvalidTransitionError as exc:
+            raise Conflict(str(exc)) from None
+        links = Links(self=f"/orders/{wanted}", status=f"/orders/{wanted}/status")
+        out = ActionOut(
+            order_id=wanted,
+            outcome=taken.outcome,
+            refund_saga_id=taken.refund_saga_id,
+            links=links,
+        )
+        response = _json(out.model_dump(mode="json"), 202)
+        response.headers["Location"] = links.status
+        return response
+
+    @bp.post("/<order_id>/cancel")
+    def cancel_order(order_id: str) -> Response:
+        return act(order_id, OrderAction.CANCEL)
+
+    @bp.post("/<order_id>/refund")
+    def refund_order(order_id: str) -> Response:
+        return act(order_id, OrderAction.REFUND)
+
     return bp
 
 
@@ -170,6 +216,8 @@ def customers_blueprint(settings: Settings, engine: Engine, reader: Reader) -> B
             placed_total=f"{summary.placed_total:.2f}",
             confirmed_total=f"{summary.confirmed_total:.2f}",
             last_order_at=summary.last_order_at,
+            orders_refunded=summary.orders_refunded,
+            refunded_total=f"{summary.refunded_total:.2f}",
         )
         return _json(out.model_dump(mode="json"))
 

@@ -66,6 +66,18 @@ class AcceptedOut(BaseModel):
     links: Links
 
 
+class ActionOut(BaseModel):
+    """The answer to a cancel or refund (202): what was done. "cancelled": the order is
+    CANCELLED (reason customer_cancelled); "refund": a refund saga runs, or ran (the
+    order was confirmed first, or a refund was asked for); follow ``links.status``."""
+
+    order_id: UUID
+    outcome: Literal["cancelled", "refund"]
+    #: The refund saga, when the outcome is a refund.
+    refund_saga_id: UUID | None
+    links: Links
+
+
 class StatusOut(BaseModel):
     """An order's status."""
 
@@ -136,6 +148,9 @@ class CustomerSummaryOut(BaseModel):
     placed_total: MoneyText
     confirmed_total: MoneyText
     last_order_at: datetime | None
+    #: Confirmed orders refunded since (still counted in orders_confirmed).
+    orders_refunded: int
+    refunded_total: MoneyText
 
 
 class CreditOut(BaseModel):
@@ -161,6 +176,17 @@ class TimelineStepOut(BaseModel):
     attempts: int
 
 
+class RefundTimelineOut(BaseModel):
+    """An order's refund saga on the same time axis."""
+
+    saga_id: UUID
+    state: str
+    reason: str | None
+    accepted_at: datetime
+    finished_at: datetime | None
+    steps: list[TimelineStepOut]
+
+
 class TimelineOut(BaseModel):
     """An order's saga on a time axis: accepted, each step, decided."""
 
@@ -171,6 +197,8 @@ class TimelineOut(BaseModel):
     accepted_at: datetime
     finished_at: datetime | None
     steps: list[TimelineStepOut]
+    #: The order's refund saga (its steps return stock and credit), once one started.
+    refund: RefundTimelineOut | None = None
     #: The order's OpenTelemetry trace id (32 hex digits); null when traces are off.
     trace_id: str | None = None
 

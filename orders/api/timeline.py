@@ -108,6 +108,16 @@ def timeline_json(timeline: SagaTimeline) -> dict[str, object]:
             for step in timeline.steps
         ],
         "trace_id": timeline.trace_id,
+        "refund": _refund_json(timeline.refund) if timeline.refund else None,
+    }
+
+
+def _refund_json(refund: SagaTimeline) -> dict[str, object]:
+    """The refund saga's part of the timeline (its order is the timeline's)."""
+    whole = timeline_json(refund)
+    return {
+        name: whole[name]
+        for name in ("saga_id", "state", "reason", "accepted_at", "finished_at", "steps")
     }
 
 

@@ -31,7 +31,7 @@ from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product, row_counts
 from workers.admin import Operations
 from workers.celery_app import create_celery
-from workers.tasks import _escalate as escalate_to_an_operator
+from workers.escalation import escalate_compensation as escalate_to_an_operator
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
