@@ -7,23 +7,28 @@ figures and the orders agree in time) and one write of each customer's latest re
 
 The review costs what changed since the customer's last review, not their history.
 Each review keeps a checkpoint (``credit_reviews.checkpoint_total``, ``checkpoint_at``):
-the sum of the customer's confirmed orders last changed before ``checkpoint_at``. The
-next review reads only the orders changed since (the index on ``orders(customer_id,
-updated_at)``), adds the confirmed ones to the checkpoint and compares that with
-``credit_used``: a ``credit_used`` changed by hand is still found, on every review. It
-then moves the checkpoint to ``MARGIN`` before its own time, never back: an order is
-stamped (``updated_at``) in the transaction that confirms it, which may commit a while
-later; one stamped within the margin before a review and committed after it is still
-ahead of the checkpoint, so the next review counts it (and counts it once). A
-transaction that commits more than ``MARGIN`` after its stamp would be missed until a
-full review. A customer without a checkpoint (their first review, or after
-``clear_checkpoints``: ``python -m workers.batch start --full``) has every order summed.
+the amount of the customer's orders confirmed before ``checkpoint_at`` less those of
+them refunded before it. The next review reads only the orders changed since (the index
+on ``orders(customer_id, updated_at)``): it adds the orders confirmed since
+(``confirmed_at``) and takes off the ones refunded since (a REFUNDED order is final, its
+``updated_at`` is its refund), and compares that with ``credit_used``: a ``credit_used``
+changed by hand is still found, on every review. An order confirmed before the
+checkpoint and refunded since is inside the checkpoint's sum and taken off now; one
+confirmed and refunded since counts nothing; an order that changed since without
+changing what it holds (a cancel request that became a refund) counts nothing either.
 
-Today an order leaves CONFIRMED never (CONFIRMED and CANCELLED are final). A transition
-out of CONFIRMED (a refund, issue #13) moves the order's ``updated_at`` as every
-transition does, so the review sees it again, and counts it by its current status; but
-the order is inside the checkpoint's sum, so the review must then subtract it (for
-instance orders refunded since the checkpoint whose confirmation was before it).
+The review then moves the checkpoint to ``MARGIN`` before its own time, never back: an
+order is stamped (``confirmed_at``, ``updated_at``) in the transaction that confirms or
+refunds it, which may commit a while later; one stamped within the margin before a
+review and committed after it is still ahead of the checkpoint, so the next review
+counts it (and counts it once). A transaction that commits more than ``MARGIN`` after
+its stamp would be missed until a full review. A customer without a checkpoint (their
+first review, or after ``clear_checkpoints``: ``python -m workers.batch start --full``)
+has every order summed.
+
+A refund returns the credit in one of its steps and marks the order REFUNDED when it
+completes: a review that reads a customer in between (milliseconds) finds credit used
+below the confirmed orders, and the next review finds them agreeing again.
 """
 
 from __future__ import annotations
@@ -61,17 +66,34 @@ _c, _o, _v = customers.c, orders.c, credit_reviews.c
 _ids = bindparam("ids", type_=ARRAY(String))
 #: Where the customer's checkpoint is cut now: never before where it was.
 _cut = func.greatest(_v.checkpoint_at, bindparam("cut", type_=DateTime(timezone=True)))
-#: The customer's confirmed orders changed since the checkpoint (all of them without one),
-#: and those of them changed before the new cut.
+#: The checkpoint (the beginning of time without one).
+_checkpoint = func.coalesce(_v.checkpoint_at, literal_column("'-infinity'::timestamptz"))
+#: When an order was confirmed (one confirmed by a worker older than confirmed_at: the
+#: last time it changed, which for a CONFIRMED order is its confirmation).
+_confirmed_at = func.coalesce(_o.confirmed_at, _o.updated_at)
+_refunded = _o.status == OrderStatus.REFUNDED.value
+
+
+def _sum(condition: Any) -> Any:
+    return func.coalesce(func.sum(_o.total).filter(condition), 0)
+
+
+#: The customer's orders confirmed or refunded since the checkpoint (a REFUNDED order is
+#: final: its updated_at is its refund), found among the orders changed since: the ones
+#: confirmed since count, the ones refunded since are taken off (confirmed before the
+#: checkpoint, they were in its sum; confirmed since, they cancel out). The same up to
+#: the new cut makes the new checkpoint.
 _since = (
     select(
-        func.coalesce(func.sum(_o.total), 0).label("total"),
-        func.coalesce(func.sum(_o.total).filter(_o.updated_at < _cut), 0).label("settled"),
+        (_sum(_confirmed_at >= _checkpoint) - _sum(_refunded)).label("total"),
+        (
+            _sum((_confirmed_at >= _checkpoint) & (_confirmed_at < _cut))
+            - _sum(_refunded & (_o.updated_at < _cut))
+        ).label("settled"),
     )
-    .where(_o.customer_id == _c.id, _o.status == OrderStatus.CONFIRMED.value)
-    .where(
-        _o.updated_at >= func.coalesce(_v.checkpoint_at, literal_column("'-infinity'::timestamptz"))
-    )
+    .where(_o.customer_id == _c.id)
+    .where(_o.status.in_([OrderStatus.CONFIRMED.value, OrderStatus.REFUNDED.value]))
+    .where(_o.updated_at >= _checkpoint)
     .lateral("since")
 )
 _open = (

@@ -232,3 +232,80 @@ def test_a_review_with_a_checkpoint_reads_only_the_orders_changed_since(
     )
     assert read <= 2, on_orders
     assert not review(engine, customer, T0 + timedelta(minutes=1)).flagged
+
+
+def _confirmed(engine: Engine, customer: str, total: str, *, stamped: datetime) -> uuid.UUID:
+    """A confirmed order as confirmation writes it (``confirmed_at`` too); its id."""
+    order_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            insert(orders).values(
+                id=order_id,
+                customer_id=customer,
+                saga_id=uuid.uuid4(),
+                status=OrderStatus.CONFIRMED.value,
+                total=Decimal(total),
+                version=2,
+                created_at=stamped,
+                updated_at=stamped,
+                confirmed_at=stamped,
+            )
+        )
+        conn.execute(
+            update(customers)
+            .where(customers.c.id == customer)
+            .values(credit_used=customers.c.credit_used + Decimal(total))
+        )
+    return order_id
+
+
+def _refund(engine: Engine, customer: str, order_id: uuid.UUID, *, stamped: datetime) -> None:
+    """The order refunded at ``stamped``, its total given back to the credit, in one
+    transaction (as the refund saga's steps and completion do, together)."""
+    with engine.begin() as conn:
+        total = conn.execute(
+            update(orders)
+            .where(orders.c.id == order_id)
+            .values(
+                status=OrderStatus.REFUNDED.value,
+                updated_at=stamped,
+                version=orders.c.version + 2,
+            )
+            .returning(orders.c.total)
+        ).scalar_one()
+        conn.execute(
+            update(customers)
+            .where(customers.c.id == customer)
+            .values(credit_used=customers.c.credit_used - total)
+        )
+
+
+def test_orders_refunded_since_the_checkpoint_are_taken_off_once(engine: Engine) -> None:
+    customer = add_customer(engine, limit="1000.00")
+    month_ago = T0 - timedelta(days=30)
+    early = _confirmed(engine, customer, "40.00", stamped=month_ago)
+    _confirmed(engine, customer, "25.00", stamped=month_ago)
+    late = _confirmed(engine, customer, "30.00", stamped=month_ago)
+    assert not review(engine, customer, T0).flagged
+    assert checkpoint(engine, customer) == (T0 - MARGIN, Decimal("95.00"))
+
+    # Confirmed before the checkpoint, refunded since: inside its sum, taken off.
+    _refund(engine, customer, early, stamped=T0 + timedelta(minutes=10))
+    # Confirmed and refunded since: counts nothing.
+    both = _confirmed(engine, customer, "15.00", stamped=T0 + timedelta(minutes=20))
+    _refund(engine, customer, both, stamped=T0 + timedelta(minutes=30))
+    # Refunded within the margin before the next review: past its cut.
+    _refund(engine, customer, late, stamped=T0 + timedelta(hours=2, minutes=30))
+
+    second = review(engine, customer, T0 + timedelta(hours=3))
+    assert not second.flagged, second.findings
+    # The late refund is after the new cut: still in the checkpoint, taken off next time.
+    assert checkpoint(engine, customer) == (T0 + timedelta(hours=2), Decimal("55.00"))
+
+    third = review(engine, customer, T0 + timedelta(hours=5))
+    assert not third.flagged, third.findings
+    assert checkpoint(engine, customer) == (T0 + timedelta(hours=4), Decimal("25.00"))
+    with engine.begin() as conn:
+        clear_checkpoints(conn)
+    assert not review(engine, customer, T0 + timedelta(hours=6)).flagged
+    assert checkpoint(engine, customer)[1] == Decimal("25.00")
