@@ -2,7 +2,8 @@
 
 The checker is scoped to a world of customers and products a test created, with the
 stock each product started with; it proves, from the rows alone, that every order ended,
-and that stock and credit moved exactly as the confirmed orders say.
+and that stock and credit moved exactly as the confirmed orders say (a refunded order
+holds nothing: its refund returned it all).
 """
 
 from __future__ import annotations
@@ -15,13 +16,25 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select
 
 from orders.tables import customers, order_events, order_lines, orders, products
 from sagas.tables import outbox, saga_steps, sagas
 
-TERMINAL = {"CONFIRMED", "CANCELLED"}
-TERMINAL_EVENTS = {"OrderConfirmed": "CONFIRMED", "OrderCancelled": "CANCELLED"}
+TERMINAL = {"CONFIRMED", "CANCELLED", "REFUNDED"}
+TERMINAL_EVENTS = {
+    "OrderConfirmed": "CONFIRMED",
+    "OrderCancelled": "CANCELLED",
+    "OrderRefunded": "REFUNDED",
+}
+#: The final events an order in each final status has, in order: one per change.
+FINAL_EVENTS = {
+    "CONFIRMED": ["CONFIRMED"],
+    "CANCELLED": ["CANCELLED"],
+    "REFUNDED": ["CONFIRMED", "REFUNDED"],
+}
+#: The state of an order's own saga, by the order's final status.
+SAGA_STATE = {"CONFIRMED": "CONFIRMED", "CANCELLED": "CANCELLED", "REFUNDED": "CONFIRMED"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +83,12 @@ def check(engine: Engine, world: World) -> Report:
                 orders.c.saga_id,
                 orders.c.total,
                 orders.c.customer_id,
+                orders.c.refund_saga_id,
             ).where(orders.c.customer_id.in_(world.customers))
         ).all()
         ids = [row.id for row in order_rows]
-        saga_ids = [row.saga_id for row in order_rows]
+        refund_rows = _refund_sagas(conn, ids)
+        saga_ids = [row.saga_id for row in order_rows] + [row.id for row in refund_rows]
         events = _grouped(
             conn.execute(
                 select(order_events.c.order_id, order_events.c.seq, order_events.c.type)
@@ -128,6 +143,7 @@ def check(engine: Engine, world: World) -> Report:
 
     counts: dict[str, int] = defaultdict(int)
     confirmed_amount: dict[str, Decimal] = defaultdict(Decimal)
+    refunds_of = _grouped((UUID(row.order_id), row) for row in refund_rows)
     for row in order_rows:
         counts[row.status] += 1
         allowed = TERMINAL | (
@@ -136,7 +152,7 @@ def check(engine: Engine, world: World) -> Report:
         if row.status not in allowed:
             found.append(Violation("2 every order is final", f"order {row.id} is {row.status}"))
         saga = saga_rows.get(row.saga_id)
-        if saga is None or saga.state not in allowed or saga.state != row.status:
+        if saga is None or saga.state != SAGA_STATE.get(row.status, row.status):
             found.append(
                 Violation(
                     "2 every saga is final and agrees with its order",
@@ -145,6 +161,7 @@ def check(engine: Engine, world: World) -> Report:
             )
         found += _check_events(row, events.get(row.id, []))
         found += _check_ledger(row, steps.get(row.saga_id, []))
+        found += _check_refunds(row, [r for _, r in refunds_of.get(row.id, [])], steps)
         if row.status == "CONFIRMED":
             confirmed_amount[row.customer_id] += row.total
     if queued:
@@ -190,7 +207,7 @@ def _check_events(order: Any, events: list[Any]) -> list[Violation]:
             )
         )
     finals = [TERMINAL_EVENTS[e.type] for e in events if e.type in TERMINAL_EVENTS]
-    if order.status in TERMINAL and finals != [order.status]:
+    if order.status in TERMINAL and finals != FINAL_EVENTS[order.status]:
         found.append(
             Violation(
                 "3 exactly one final event, matching the status",
@@ -202,9 +219,57 @@ def _check_events(order: Any, events: list[Any]) -> list[Violation]:
     return found
 
 
+def _refund_sagas(conn: Any, order_ids: list[UUID]) -> list[Any]:
+    """Every refund saga of these orders (the current one and the failed ones)."""
+    if not order_ids:
+        return []
+    order_id = sagas.c.payload["order_id"].astext
+    return list(
+        conn.execute(
+            select(order_id.label("order_id"), sagas.c.id, sagas.c.state)
+            .where(sagas.c.name == "refund")
+            .where(order_id.in_([str(i) for i in order_ids]))
+        ).all()
+    )
+
+
+def _check_refunds(
+    order: Any, refunds: list[Any], steps: Mapping[Any, list[Any]]
+) -> list[Violation]:
+    """A REFUNDED order has exactly one refund, confirmed with every step applied (its
+    current one); a failed refund took back everything it returned; none is left
+    running."""
+    found = []
+    confirmed = [r for r in refunds if r.state == "CONFIRMED"]
+    wanted = 1 if order.status == "REFUNDED" else 0
+    if len(confirmed) != wanted or (confirmed and confirmed[0].id != order.refund_saga_id):
+        found.append(
+            Violation(
+                "9 a refunded order has one refund saga, confirmed, and no other",
+                f"order {order.id} {order.status}: refunds {[(r.id, r.state) for r in refunds]}",
+            )
+        )
+    for refund in refunds:
+        statuses = {step.step: step.status for step in steps.get(refund.id, [])}
+        if refund.state not in ("CONFIRMED", "CANCELLED"):
+            found.append(
+                Violation("2 every refund saga is final", f"order {order.id}: {refund.state}")
+            )
+        elif (refund.state == "CONFIRMED") != (set(statuses.values()) == {"APPLIED"}) or (
+            refund.state == "CANCELLED" and "APPLIED" in statuses.values()
+        ):
+            found.append(
+                Violation(
+                    "9 a refund's steps agree with its decision",
+                    f"order {order.id}, refund {refund.id} {refund.state}: {statuses}",
+                )
+            )
+    return found
+
+
 def _check_ledger(order: Any, steps: list[Any]) -> list[Violation]:
     statuses = {step.step: step.status for step in steps}
-    if order.status == "CONFIRMED" and set(statuses.values()) != {"APPLIED"}:
+    if order.status in ("CONFIRMED", "REFUNDED") and set(statuses.values()) != {"APPLIED"}:
         return [
             Violation(
                 "6 a confirmed saga has every step applied, none compensated",
@@ -233,10 +298,24 @@ def quiet(engine: Engine, world: World) -> bool:
         queued = conn.execute(
             select(func.count())
             .select_from(outbox)
-            .join(orders, orders.c.saga_id == outbox.c.saga_id)
+            .join(
+                orders,
+                or_(
+                    orders.c.saga_id == outbox.c.saga_id,
+                    orders.c.refund_saga_id == outbox.c.saga_id,
+                ),
+            )
             .where(orders.c.customer_id.in_(world.customers))
         ).scalar_one()
-    return busy == 0 and queued == 0
+        # Refunds under way (and their outbox entries): the order is CONFIRMED meanwhile.
+        refunding = conn.execute(
+            select(func.count())
+            .select_from(orders)
+            .join(sagas, sagas.c.id == orders.c.refund_saga_id)
+            .where(orders.c.customer_id.in_(world.customers))
+            .where(sagas.c.state.not_in(["CONFIRMED", "CANCELLED"]))
+        ).scalar_one()
+    return busy == 0 and queued == 0 and refunding == 0
 
 
 def settle(engine: Engine, world: World, timeout: float = 60.0) -> Report:
