@@ -1,6 +1,7 @@
-"""``make chaos``: the full soak. 2000 orders with faults every few seconds (worker pool
-children and whole workers killed, Redis crashed and restarted, PostgreSQL connections
-killed and PostgreSQL itself restarted), then every invariant.
+"""``make chaos``: the full soak. 2000 orders (a tenth cancelled right after they are
+accepted, racing their saga, a tenth refunded once confirmed) with faults every few
+seconds (worker pool children and whole workers killed, Redis crashed and restarted,
+PostgreSQL connections killed and PostgreSQL itself restarted), then every invariant.
 
     python -m tests.chaos.soak [--orders 2000] [--seed N] [--faults N] [--keep DIR]
 
@@ -48,6 +49,8 @@ def plan_for(
         concurrency=24,
         customers=100,
         products=30,
+        cancel_share=0.1,
+        refund_share=0.1,
     )
 
 

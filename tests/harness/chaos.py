@@ -76,6 +76,10 @@ class ChaosPlan:
     #: Redis as a primary, a replica and three sentinels (the system finds the master
     #: through them); the ``fail_over_redis`` fault kills the master.
     redis_sentinel: bool = False
+    #: The share of orders cancelled right after they are accepted (racing their saga),
+    #: and the share refunded once they are final (if confirmed).
+    cancel_share: float = 0.0
+    refund_share: float = 0.0
 
 
 @dataclass
@@ -92,6 +96,11 @@ class Request:
     error: str | None = None
     started: float = 0.0
     finished: float = 0.0
+    #: "cancel" or "refund": what the client asks of the order after placing it.
+    follow: str | None = None
+    #: The answer to that request: its status code (None: never answered) and outcome.
+    follow_status: int | None = None
+    follow_outcome: str | None = None
 
 
 @dataclass
@@ -137,6 +146,17 @@ class ChaosResult:
             "fault timeline:",
             *(f"  {t:7.2f} s  {name:<22} {detail}" for t, name, detail in self.timeline),
             f"answers to clients: {dict(answered)}",
+            *(
+                [f"cancels and refunds asked (action, answer, outcome): {dict(follow_ups)}"]
+                if (
+                    follow_ups := Counter(
+                        (r.follow, r.follow_status, r.follow_outcome)
+                        for r in self.history
+                        if r.follow
+                    )
+                )
+                else []
+            ),
             f"orders by final state: {self.report.counts}",
             *(
                 ["Redis failovers, kill to promotion: " + ", ".join(promoted)]
@@ -359,6 +379,10 @@ def seed_world(engine: Engine, plan: ChaosPlan, rng: random.Random) -> tuple[Wor
             customer=rng.choice(customer_ids),
             product=rng.choice(product_ids),
             quantity=rng.randint(1, 3),
+            follow=rng.choices(
+                ["cancel", "refund", None],
+                [plan.cancel_share, plan.refund_share, 1 - plan.cancel_share - plan.refund_share],
+            )[0],
         )
         for n in range(plan.orders)
     ]
@@ -389,6 +413,89 @@ def send(client: httpx.Client, request: Request, retries: int = 8) -> None:
                 break
         time.sleep(min(0.25 * 2**attempt, 3.0))
     request.finished = time.monotonic()
+
+
+def act(client: httpx.Client, request: Request, retries: int = 8) -> None:
+    """Ask for the request's follow-up (cancel or refund) of its order; retry a timeout, a
+    dropped connection or a 5xx with the same key."""
+    for attempt in range(retries):
+        try:
+            response = client.post(
+                f"/orders/{request.order_id}/{request.follow}",
+                headers={"Idempotency-Key": f"{request.key}-{request.follow}"},
+            )
+        except httpx.TransportError:
+            pass
+        else:
+            request.follow_status = response.status_code
+            if response.status_code == 202:
+                request.follow_outcome = response.json()["outcome"]
+            if response.status_code < 500:
+                return
+        time.sleep(min(0.25 * 2**attempt, 3.0))
+
+
+def refund_when_final(client: httpx.Client, request: Request, timeout: float = 120.0) -> None:
+    """Wait until the order is final; refund it if it was confirmed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = client.get(f"/orders/{request.order_id}/status")
+        except httpx.TransportError:
+            status = None
+        if status is not None and status.status_code == 200:
+            if status.json()["status"] == "CONFIRMED":
+                act(client, request)
+                return
+            if status.json()["status"] == "CANCELLED":
+                request.follow = None  # nothing to refund
+                return
+        time.sleep(0.2)
+
+
+def check_follow_ups(engine: Engine, world: World, history: list[Request]) -> list[Violation]:
+    """Cancels and refunds did what they answered, and nothing else: "cancelled" ends
+    CANCELLED by the customer, "refund" ends REFUNDED; only orders a client cancelled are
+    cancelled by their customer, only orders a client cancelled or refunded are REFUNDED."""
+    with engine.connect() as conn:
+        rows = {
+            str(row.id): row
+            for row in conn.execute(
+                select(orders.c.id, orders.c.status, orders.c.cancel_reason).where(
+                    orders.c.customer_id.in_(world.customers)
+                )
+            )
+        }
+    asked = {r.order_id: r for r in history if r.follow and r.order_id}
+    found = []
+    for order_id, row in rows.items():
+        request = asked.get(order_id)
+        by_customer = row.cancel_reason == CancelReason.CUSTOMER_CANCELLED
+        if (by_customer and (request is None or request.follow != "cancel")) or (
+            row.status == "REFUNDED" and request is None
+        ):
+            found.append(
+                Violation(
+                    "10 only what a client asked for is cancelled or refunded",
+                    f"order {order_id} {row.status} ({row.cancel_reason}), asked {request}",
+                )
+            )
+    for order_id, request in asked.items():
+        row = rows[order_id]
+        if (
+            request.follow_outcome == "cancelled"
+            and not (
+                row.status == "CANCELLED" and (row.cancel_reason == CancelReason.CUSTOMER_CANCELLED)
+            )
+        ) or (request.follow_outcome == "refund" and row.status != "REFUNDED"):
+            found.append(
+                Violation(
+                    "10 a cancel or refund does what it answered",
+                    f"order {order_id}: {request.follow} answered {request.follow_status} "
+                    f"{request.follow_outcome}, order {row.status} ({row.cancel_reason})",
+                )
+            )
+    return found
 
 
 class Sampler:
@@ -535,17 +642,26 @@ def run_chaos(plan: ChaosPlan, base: Path, log: Callable[[str], None] = print) -
             faults.start()
             load_started = time.monotonic()
 
+            refunds = ThreadPoolExecutor(max_workers=8)
+
             def paced(numbered: tuple[int, Request]) -> None:
                 n, request = numbered
                 time.sleep(max(0.0, load_started + n * span / len(load) - time.monotonic()))
                 send(client, request)
+                if request.order_id is None:
+                    return
+                if request.follow == "cancel":
+                    act(client, request)  # at once: it races the saga
+                elif request.follow == "refund":
+                    refunds.submit(refund_when_final, client, request)
 
-            with ThreadPoolExecutor(max_workers=plan.concurrency) as pool:
+            with refunds, ThreadPoolExecutor(max_workers=plan.concurrency) as pool:
                 list(pool.map(paced, enumerate(load)))
             faults.join()
             canaries = canary(engine, client, world, plan, load)
             report = settle(engine, world, timeout=180)
         extra = check_history(engine, world, load) + check_decisions(engine, world)
+        extra += check_follow_ups(engine, world, load)
         extra += [
             Violation(
                 "the workers survive every fault",
