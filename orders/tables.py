@@ -306,3 +306,83 @@ api_keys = Table(
     #: An operator's endpoints span every customer: so does an operator's key.
     CheckConstraint("role = 'client' OR customers IS NULL", name="operator_every_customer"),
 )
+
+#: Where a client (an API key) wants the final states of its orders POSTed (orders.webhooks).
+#: The secret signs each delivery (HMAC keys must be kept to sign with); after a
+#: rotation the previous one still signs, as a second signature, until it expires.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    #: "whsec_" and the base64 of the key (Standard Webhooks).
+    Column("secret", String(100), nullable=False),
+    Column("previous_secret", String(100)),
+    Column("previous_expires_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    #: Deleted by its client: nothing more is sent to it; its log is kept.
+    Column("disabled_at", DateTime(timezone=True)),
+    Index(
+        "ix_webhook_endpoints_active_key", "key_id", postgresql_where=text("disabled_at IS NULL")
+    ),
+)
+
+#: One event for one endpoint: the outbox the delivery lane sends from, at least once.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column(
+        "endpoint_id",
+        Uuid,
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    #: Stable across attempts and replays (the order and its event's seq): the receiver
+    #: deduplicates on it (header webhook-id).
+    Column("event_id", String(64), nullable=False),
+    Column("order_id", Uuid, nullable=False),
+    Column("event_type", String(64), nullable=False),
+    #: The JSON body sent.
+    Column("payload", JSONB, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    #: When the next attempt is due (PENDING); while one is under way, when its lease ends.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+    #: When it was last handed back after it died (its dead letter is resolved once sent).
+    Column("replayed_at", DateTime(timezone=True)),
+    #: One delivery per event and endpoint: a fan-out applied twice adds nothing.
+    UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+    CheckConstraint("state IN ('PENDING', 'DELIVERED', 'DEAD')", name="known_state"),
+    CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    Index(
+        "ix_webhook_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=text("state = 'PENDING'"),
+    ),
+    Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+)
+
+#: Every attempt of a delivery: when, what the receiver answered (or why nothing), how long.
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "delivery_id",
+        Uuid,
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Column("duration_ms", Integer, nullable=False),
+    Index("ix_webhook_attempts_delivery", "delivery_id", "id"),
+)

@@ -36,7 +36,8 @@ dead_letters = Table(
     #: Why: exhausted (retries used up), failed (not a transient error), poison (kept
     #: crashing its worker), or a message no task ran (undecodable, not_an_envelope,
     #: refused_content_type, too_large, malformed_body, malformed_headers, unknown_task,
-    #: bad_arguments, unprocessable); workers.dlq says what each means.
+    #: bad_arguments, unprocessable), or a webhook delivery that used up its attempts
+    #: (webhook_dead); workers.dlq says what each means.
     Column("kind", String(32), nullable=False),
     Column("args", JSONB),
     Column("kwargs", JSONB),
@@ -55,7 +56,8 @@ dead_letters = Table(
     CheckConstraint(
         "kind IN ('exhausted', 'failed', 'undecodable', 'unknown_task', 'poison',"
         " 'not_an_envelope', 'refused_content_type', 'too_large', 'malformed_body',"
-        " 'malformed_headers', 'bad_arguments', 'unprocessable', 'compensation_failed')",
+        " 'malformed_headers', 'bad_arguments', 'unprocessable', 'compensation_failed',"
+        " 'webhook_dead')",
         name="known_kind",
     ),
     Index(
