@@ -114,6 +114,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.retention_interval_seconds,
                 "options": {"expires": settings.retention_interval_seconds * 2},
             },
+            "send-webhooks": {
+                "task": names.SEND_WEBHOOKS,
+                "schedule": settings.webhook_poll_seconds,
+                # Runs that waited longer (the lane is busy with slow receivers) are
+                # superseded by the next: the deliveries wait in PostgreSQL, not here.
+                "options": {"expires": settings.webhook_poll_seconds * 5},
+            },
         },
     }
 

@@ -22,14 +22,18 @@ class Lane(StrEnum):
     HOUSEKEEPING = "housekeeping"
     #: Batch work (credit checks): the lowest priority, its own workers.
     BATCH = "batch"
+    #: Webhook deliveries to clients' receivers: slow or dead receivers wait here, on
+    #: their own workers, never in front of a saga.
+    WEBHOOKS = "webhooks"
 
 
 #: The queue of each lane unless the settings name another (SAGA_LANE, DEFAULT_LANE,
-#: BATCH_LANE, HOUSEKEEPING_LANE).
+#: BATCH_LANE, HOUSEKEEPING_LANE, WEBHOOKS_LANE).
 SAGA_QUEUE = "saga.high"
 DEFAULT_QUEUE = "default"
 BATCH_QUEUE = "batch.low"
 HOUSEKEEPING_QUEUE = "housekeeping"
+WEBHOOKS_QUEUE = "webhooks"
 
 #: Saga step: reserve the order's stock (chord header member).
 RESERVE_STOCK = "saga.order.reserve_stock"
@@ -57,6 +61,9 @@ SWEEP_BATCH_RUNS = "housekeeping.sweep_batch_runs"
 #: Retention: remove what is finished and past its retention, a bounded batch per run.
 RETAIN = "housekeeping.retain"
 
+#: Webhooks: send the deliveries that are due (beat), a bounded batch per run.
+SEND_WEBHOOKS = "webhooks.send_due"
+
 #: Batch credit check: start a run (beat, on demand), and one chunk of it.
 START_CREDIT_CHECK = "batch.credit_check.start"
 CREDIT_CHECK_CHUNK = "batch.credit_check.chunk"
@@ -82,6 +89,7 @@ ROUTES: dict[str, Lane] = {
     CHECK_EVENTS: Lane.HOUSEKEEPING,
     SWEEP_BATCH_RUNS: Lane.DEFAULT,
     RETAIN: Lane.HOUSEKEEPING,
+    SEND_WEBHOOKS: Lane.WEBHOOKS,
     START_CREDIT_CHECK: Lane.DEFAULT,
     CREDIT_CHECK_CHUNK: Lane.BATCH,
     TEST_FLAKY: Lane.DEFAULT,

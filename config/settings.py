@@ -64,6 +64,7 @@ class Settings:
     default_queue: str = names.DEFAULT_QUEUE
     batch_queue: str = names.BATCH_QUEUE
     housekeeping_queue: str = names.HOUSEKEEPING_QUEUE
+    webhooks_queue: str = names.WEBHOOKS_QUEUE
     #: Largest request body the API reads, in bytes (413 above).
     max_body_bytes: int = 64 * 1024
     #: Most lines one order may have (422 above).
@@ -218,6 +219,18 @@ class Settings:
     retention_interval_seconds: float = 60.0
     retention_batch_rows: int = 1000
     retention_batches_per_run: int = 10
+    #: Webhooks (orders.webhooks): beat sends the due deliveries this often; a delivery
+    #: is tried at most WEBHOOK_MAX_ATTEMPTS times (then it is DEAD and a dead letter),
+    #: waiting WEBHOOK_BACKOFF_SECONDS after the first failure, doubling up to
+    #: WEBHOOK_BACKOFF_MAX_SECONDS (each wait jittered); a receiver has
+    #: WEBHOOK_TIMEOUT_SECONDS to connect and again to answer.
+    webhook_poll_seconds: float = 1.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_seconds: float = 30.0
+    webhook_backoff_max_seconds: float = 3600.0
+    webhook_timeout_seconds: float = 5.0
+    #: After a rotation, the previous secret still signs (a second signature) this long.
+    webhook_rotation_grace_seconds: float = 86400.0
 
     def queue(self, lane: names.Lane) -> str:
         """The queue of a lane."""
@@ -226,12 +239,19 @@ class Settings:
             names.Lane.DEFAULT: self.default_queue,
             names.Lane.BATCH: self.batch_queue,
             names.Lane.HOUSEKEEPING: self.housekeeping_queue,
+            names.Lane.WEBHOOKS: self.webhooks_queue,
         }[lane]
 
     @property
     def queues(self) -> tuple[str, ...]:
         """Every lane's queue."""
-        return (self.saga_queue, self.default_queue, self.batch_queue, self.housekeeping_queue)
+        return (
+            self.saga_queue,
+            self.default_queue,
+            self.batch_queue,
+            self.housekeeping_queue,
+            self.webhooks_queue,
+        )
 
     @property
     def sentinel(self) -> SentinelAccess:
@@ -296,7 +316,8 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         if len(set(self.queues)) != len(self.queues):
             raise ConfigError(
-                "SAGA_LANE, DEFAULT_LANE, BATCH_LANE and HOUSEKEEPING_LANE must be distinct queues"
+                "SAGA_LANE, DEFAULT_LANE, BATCH_LANE, HOUSEKEEPING_LANE and WEBHOOKS_LANE"
+                " must be distinct queues"
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
@@ -322,6 +343,22 @@ class Settings:
             raise ConfigError(
                 "EVENTS_CHECK_MARGIN_SECONDS and EVENTS_SWEEP_ROWS cannot be negative"
             )
+        webhook_periods = (
+            self.webhook_poll_seconds,
+            self.webhook_backoff_seconds,
+            self.webhook_timeout_seconds,
+        )
+        if self.webhook_max_attempts < 1 or min(webhook_periods) <= 0:
+            raise ConfigError(
+                "WEBHOOK_MAX_ATTEMPTS, WEBHOOK_POLL_SECONDS, WEBHOOK_BACKOFF_SECONDS and"
+                " WEBHOOK_TIMEOUT_SECONDS must be positive"
+            )
+        if self.webhook_backoff_max_seconds < self.webhook_backoff_seconds:
+            raise ConfigError(
+                "WEBHOOK_BACKOFF_MAX_SECONDS must be at least WEBHOOK_BACKOFF_SECONDS"
+            )
+        if self.webhook_rotation_grace_seconds < 0:
+            raise ConfigError("WEBHOOK_ROTATION_GRACE_SECONDS cannot be negative")
         if self.admission_max_backlog < 0:
             raise ConfigError("ADMISSION_MAX_BACKLOG must be 0 (off) or positive")
         if self.rate_limit:
@@ -426,6 +463,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         default_queue=env.get("DEFAULT_LANE") or d.default_queue,
         batch_queue=env.get("BATCH_LANE") or d.batch_queue,
         housekeeping_queue=env.get("HOUSEKEEPING_LANE") or d.housekeeping_queue,
+        webhooks_queue=env.get("WEBHOOKS_LANE") or d.webhooks_queue,
         max_body_bytes=_number(env, "MAX_BODY_BYTES", int, d.max_body_bytes),
         max_order_lines=_number(env, "MAX_ORDER_LINES", int, d.max_order_lines),
         max_line_quantity=_number(env, "MAX_LINE_QUANTITY", int, d.max_line_quantity),
@@ -544,5 +582,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retention_batch_rows=_number(env, "RETENTION_BATCH_ROWS", int, d.retention_batch_rows),
         retention_batches_per_run=_number(
             env, "RETENTION_BATCHES_PER_RUN", int, d.retention_batches_per_run
+        ),
+        webhook_poll_seconds=_number(env, "WEBHOOK_POLL_SECONDS", float, d.webhook_poll_seconds),
+        webhook_max_attempts=_number(env, "WEBHOOK_MAX_ATTEMPTS", int, d.webhook_max_attempts),
+        webhook_backoff_seconds=_number(
+            env, "WEBHOOK_BACKOFF_SECONDS", float, d.webhook_backoff_seconds
+        ),
+        webhook_backoff_max_seconds=_number(
+            env, "WEBHOOK_BACKOFF_MAX_SECONDS", float, d.webhook_backoff_max_seconds
+        ),
+        webhook_timeout_seconds=_number(
+            env, "WEBHOOK_TIMEOUT_SECONDS", float, d.webhook_timeout_seconds
+        ),
+        webhook_rotation_grace_seconds=_number(
+            env, "WEBHOOK_ROTATION_GRACE_SECONDS", float, d.webhook_rotation_grace_seconds
         ),
     )

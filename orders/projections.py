@@ -17,6 +17,7 @@ from orders.domain import EventType
 from orders.events import Consumer, Event
 from orders.queries import StatusView
 from orders.tables import customer_order_summaries, orders
+from orders.webhook_deliveries import WebhookOutbox
 
 _o = orders.c
 _ORDERS = select(
@@ -166,7 +167,7 @@ def _later(a: datetime | None, b: datetime) -> datetime:
 
 def event_consumers(caches: Caches | None) -> list[Consumer]:
     """The consumers of a deployment (no cache refresher without caches)."""
-    found: list[Consumer] = [CustomerSummaries()]
+    found: list[Consumer] = [CustomerSummaries(), WebhookOutbox()]
     if caches is not None:
         found.insert(0, CacheRefresher(caches))
     return found

@@ -23,6 +23,7 @@ from workers.liveness import LaneHeartbeat
 from workers.metrics import TASK_RETRIES, serve
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
+from workers.webhooks import register_webhook_tasks
 
 #: The saga completions: their arguments are (step results, saga id).
 _COMPLETIONS = frozenset({names.COMPLETE_ORDER, names.COMPLETE_REFUND})
@@ -55,6 +56,7 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
         runtime = Runtime(settings)
         app.orders_runtime = runtime  # for the consumer (workers.consumer)
         register_tasks(app, runtime)
+        register_webhook_tasks(app, runtime)
         app.steps["consumer"].add(LaneHeartbeat)
         _trace(app, settings)
         _connect_signals(app, runtime)

@@ -18,6 +18,10 @@ Each letter has a kind. A task that gave up (workers.base) leaves one of:
     compensation_failed   a saga's compensation failed COMPENSATION_MAX_ATTEMPTS times and
                           is no longer retried; replaying it hands the saga back to the
                           sweeper, which tries the compensation again at once
+    webhook_dead          a webhook delivery used up its WEBHOOK_MAX_ATTEMPTS attempts;
+                          replaying it hands the delivery back to the webhooks lane, due
+                          now, its attempts counted from zero (the letter is resolved
+                          when it is delivered, however it was replayed)
 
 A message no task ever ran (workers.consumer; workers.compat for list items kombu
 cannot read) leaves one of these, with the item's bytes as ``raw``:
@@ -60,6 +64,8 @@ from celery import Celery
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
+from orders import webhook_deliveries
+from orders.tables import webhook_deliveries as webhook_table
 from sagas.canvas import dispatch_saga
 from sagas.definition import SagaDefinition
 from sagas.tables import sagas
@@ -74,6 +80,7 @@ EXHAUSTED = "exhausted"
 FAILED = "failed"
 POISON = "poison"
 COMPENSATION_FAILED = "compensation_failed"
+WEBHOOK_DEAD = "webhook_dead"
 UNDECODABLE = "undecodable"
 NOT_AN_ENVELOPE = "not_an_envelope"
 REFUSED_CONTENT_TYPE = "refused_content_type"
@@ -192,6 +199,15 @@ def record_in(
                 "state": "OPEN",
             },
         )
+    )
+
+
+def resolve_in(conn: Connection, task_id: str) -> None:
+    """Mark the open letter of ``task_id`` (if any) REPLAYED: what it held was done."""
+    conn.execute(
+        update(dead_letters)
+        .where(_d.task_id == task_id, _d.state == "OPEN")
+        .values(state="REPLAYED", replayed_task_id=task_id, resolved_at=datetime.now(UTC))
     )
 
 
@@ -315,7 +331,13 @@ def replay(
                 )
             if not isinstance(row.args, list) or (row.task_name in step_tasks and not row.args):
                 raise DeadLetterError(f"dead letter {letter_id} has no arguments to replay")
-            if row.kind == COMPENSATION_FAILED:
+            if row.kind == WEBHOOK_DEAD:
+                if _delivery_state(conn, row.args[0]) != "DEAD":
+                    raise DeadLetterError(
+                        f"the delivery of dead letter {letter_id} is not DEAD: nothing to"
+                        " replay (purge the letter)"
+                    )
+            elif row.kind == COMPENSATION_FAILED:
                 state = _saga_state(conn, row.args[1])
                 if state != "COMPENSATION_FAILED":
                     raise DeadLetterError(
@@ -339,7 +361,11 @@ def replay(
             ).first()
             if row is None:  # replayed or purged meanwhile by someone else
                 raise DeadLetterError(f"dead letter {letter_id} is no longer OPEN")
-            if row.kind == COMPENSATION_FAILED:
+            if row.kind == WEBHOOK_DEAD:
+                if not webhook_deliveries.rearm(conn, UUID(row.args[0])):
+                    raise DeadLetterError(f"the delivery of dead letter {letter_id} is not DEAD")
+                new_id = row.task_id
+            elif row.kind == COMPENSATION_FAILED:
                 new_id = _rearm_compensation(conn, row.args[1])
             elif row.task_name in step_tasks:
                 new_id = _redispatch_saga(conn, app, step_tasks[row.task_name], row.args[0])
@@ -367,6 +393,17 @@ def _saga_state(conn: Any, saga_id: Any) -> str | None:
     except ValueError:
         return None
     state: str | None = conn.execute(select(sagas.c.state).where(sagas.c.id == saga)).scalar()
+    return state
+
+
+def _delivery_state(conn: Any, delivery_id: Any) -> str | None:
+    try:
+        delivery = UUID(str(delivery_id))
+    except ValueError:
+        return None
+    state: str | None = conn.execute(
+        select(webhook_table.c.state).where(webhook_table.c.id == delivery)
+    ).scalar()
     return state
 
 

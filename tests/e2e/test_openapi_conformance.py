@@ -113,6 +113,12 @@ class World:
                 # keep its characters, make it this order's own.
                 drawn = case.headers["Idempotency-Key"]
                 case.headers["Idempotency-Key"] = f"{drawn[:200]}-{uuid.uuid4().hex}"
+        if case.operation.path.endswith(("/cancel", "/refund")) and "Idempotency-Key" in (
+            case.headers or {}
+        ):
+            # The same for a cancel or a refund: a drawn key may repeat for another order.
+            drawn = case.headers["Idempotency-Key"]
+            case.headers["Idempotency-Key"] = f"{drawn[:200]}-{uuid.uuid4().hex}"
         if (
             case.operation.path in ("/admin/dead-letters/replay", "/admin/dead-letters/purge")
             and isinstance(case.body, dict)

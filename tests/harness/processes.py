@@ -122,7 +122,7 @@ class WorkerSpec:
     nice: int = 0
 
 
-ALL_LANES = "saga.high,default,batch.low,housekeeping"
+ALL_LANES = "saga.high,default,batch.low,housekeeping,webhooks"
 
 
 @dataclass

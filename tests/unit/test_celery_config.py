@@ -47,6 +47,7 @@ def test_lanes_take_the_queue_names_the_settings_give() -> None:
         "default",
         "orders.slow",
         "housekeeping",
+        "webhooks",
     }
     assert config["task_routes"][names.RESERVE_STOCK] == {"queue": "orders.fast"}
 

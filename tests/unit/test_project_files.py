@@ -32,6 +32,7 @@ APP_SERVICES = (
     "worker-default",
     "worker-batch",
     "worker-housekeeping",
+    "worker-webhooks",
     "events",
     "beat",
     "flower",
@@ -78,6 +79,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "worker-default",
         "worker-batch",
         "worker-housekeeping",
+    "worker-webhooks",
         "events",
         "beat",
         "flower",
@@ -98,6 +100,7 @@ def test_compose_runs_every_process_after_healthy_stores_and_the_migration() -> 
         "worker-default",
         "worker-batch",
         "worker-housekeeping",
+    "worker-webhooks",
         "events",
         "beat",
         "flower",
@@ -126,6 +129,7 @@ def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower()
         "worker_default",
         "worker_batch",
         "worker_housekeeping",
+        "worker_webhooks",
         "events",
         "beat",
         "flower",
@@ -137,11 +141,14 @@ def test_procfile_runs_the_api_a_worker_per_lane_the_consumers_beat_and_flower()
     assert "nice -n 10 celery" in lines["worker_batch"]  # batch yields the CPU
     # The long checks have a worker of their own, never ahead of the relay.
     assert "-Q ${HOUSEKEEPING_LANE:-housekeeping}" in lines["worker_housekeeping"]
+    # Slow receivers wait on a worker of their own, never in front of a saga.
+    assert "-Q ${WEBHOOKS_LANE:-webhooks}" in lines["worker_webhooks"]
     for name in (
         "worker_saga",
         "worker_default",
         "worker_batch",
         "worker_housekeeping",
+        "worker_webhooks",
         "beat",
         "flower",
     ):
