@@ -5,9 +5,15 @@ gunicorn -c python:config.gunicorn 'workers.web:create_app()'
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+
+from config.logs import gunicorn_logconfig
+from config.settings import load_settings
+
+_settings = load_settings()
 
 #: Loopback unless told otherwise (API_BIND=0.0.0.0 in a container).
 bind = f"{os.environ.get('API_BIND', '127.0.0.1')}:{os.environ.get('API_PORT', '8000')}"
@@ -33,10 +39,15 @@ max_requests_jitter = 2000
 #: No --preload: each worker builds its own app, engine and broker connections.
 preload_app = False
 errorlog = "-"
+#: Under LOG_FORMAT=json, gunicorn's own lines are JSON records as the API's are (no
+#: access log: the API counts and times requests in /metrics).
+logconfig_dict = gunicorn_logconfig(_settings)
+if _settings.log_format == "json":
+    logging.captureWarnings(True)  # the master's warnings (gevent's, say) as records
 #: No control socket: by default every gunicorn of a user shares one path
 #: (~/.gunicorn/gunicorn.ctl), so one instance's would answer for another's.
 control_socket_disable = True
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _settings.log_level.lower()
 
 
 def on_starting(server: object) -> None:

@@ -151,7 +151,9 @@ class Settings:
     step_delay_seconds: float = 0.0
     #: Log level name for every process.
     log_level: str = "INFO"
-    #: "text" (one line per record) or "json" (one JSON object per line).
+    #: "text" (one line per record) or "json" (one JSON object per line, every line of
+    #: every process). From the environment: LOG_FORMAT; unset, json under
+    #: APP_ENV=production and text otherwise.
     log_format: str = "text"
     #: OpenTelemetry traces (config.tracing) are exported over OTLP (http/protobuf) when
     #: this is set: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT (the
@@ -189,6 +191,9 @@ class Settings:
     events_metrics_port: int = 0
     #: The worker serves Prometheus metrics on this port (0: not at all).
     worker_metrics_port: int = 0
+    #: Beat serves its scheduler's figures (lock held, last tick, each entry's last
+    #: send) as Prometheus metrics on this port (0: not at all).
+    beat_metrics_port: int = 0
     #: ... on this address (loopback unless told otherwise).
     worker_metrics_bind: str = "127.0.0.1"
     #: Requests one API key (or, without a key, one client address) may make, in the
@@ -532,7 +537,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_stall_seconds=_number(env, "BATCH_STALL_SECONDS", float, d.batch_stall_seconds),
         batch_max_resumes=_number(env, "BATCH_MAX_RESUMES", int, d.batch_max_resumes),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
-        log_format=env.get("LOG_FORMAT", d.log_format).lower(),
+        log_format=(
+            env.get("LOG_FORMAT") or ("json" if app_env == "production" else d.log_format)
+        ).lower(),
         otel_endpoint=None
         if _off(env.get("OTEL_SDK_DISABLED"))
         else env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -554,6 +561,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         events_sweep_rows=_number(env, "EVENTS_SWEEP_ROWS", int, d.events_sweep_rows),
         events_metrics_port=_number(env, "EVENTS_METRICS_PORT", int, d.events_metrics_port),
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", int, d.worker_metrics_port),
+        beat_metrics_port=_number(env, "BEAT_METRICS_PORT", int, d.beat_metrics_port),
         worker_metrics_bind=env.get("WORKER_METRICS_BIND", d.worker_metrics_bind),
         rate_limit=_rate_limit(env, app_env),
         rate_limit_storage_url=env.get("RATE_LIMIT_STORAGE_URL")

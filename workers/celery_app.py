@@ -16,7 +16,7 @@ from celery.signals import (
 
 from config import names, tracing
 from config.celeryconf import celery_config
-from config.logs import bind_log_context, clear_log_context, configure_logging
+from config.logs import bind_log_context, clear_log_context, configure_logging, json_celery
 from config.settings import Settings, load_settings
 from workers.compat import apply_fixes
 from workers.liveness import LaneHeartbeat
@@ -93,6 +93,7 @@ def _connect_signals(app: Celery, runtime: Runtime) -> None:
 
     # Connected, this signal keeps Celery from installing its own log handlers.
     setup_logging.connect(_logging, weak=False)
+    json_celery(app, settings)  # LOG_FORMAT=json: no banners, every line a record
 
     def _bind(task_id: str, task: Any, args: Any = (), **_: Any) -> None:
         delivery = getattr(task.request, "delivery_info", None) or {}

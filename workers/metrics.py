@@ -43,6 +43,12 @@ STEP_DURATION = Histogram(
 )
 SAGAS_FINISHED = Counter("orders_sagas_finished_total", "Sagas decided, by state.", ["state"])
 TASK_RETRIES = Counter("orders_task_retries_total", "Task retries scheduled.", ["task"])
+HOUSEKEEPING_RUNS = Counter(
+    "orders_housekeeping_runs_total",
+    "Housekeeping runs finished (the relay, the sweepers, the events check, retention), by"
+    " task: they send no task events and log nothing at INFO when they found nothing.",
+    ["task"],
+)
 COMPENSATIONS_ESCALATED = Counter(
     "orders_compensations_escalated_total",
     "Sagas whose compensation failed COMPENSATION_MAX_ATTEMPTS times (now dead letters).",

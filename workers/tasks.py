@@ -31,7 +31,7 @@ from sagas.runner import SagaHandlers
 from workers import batch, liveness, retention
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
 from workers.escalation import escalate_compensation
-from workers.metrics import STEP_DURATION, record_completion
+from workers.metrics import HOUSEKEEPING_RUNS, STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ POISON_MESSAGE = "poison_message"
 def register_tasks(app: Celery, runtime: Runtime) -> None:
     """Register every task of the system on ``app``, by the names in ``config.names``."""
     base = policy(runtime)
+    housekeeping = _housekeeping(base)
     sagas = runtime.sagas
     for saga in sagas.values():
         for step in saga.definition.steps:
@@ -60,13 +61,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         the order refunded, or take back what was returned (from the ledger)."""
         _complete_sent(runtime, runtime.refund_saga, saga_id)
 
-    @app.task(shared=False, name=names.RELAY_OUTBOX, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.RELAY_OUTBOX, base=housekeeping)
     def relay() -> int:
         """Dispatch the sagas whose fast-path dispatch did not happen."""
         grace = timedelta(seconds=runtime.settings.outbox_grace_seconds)
         return relay_outbox(runtime.engine, app, DEFINITIONS, grace=grace)
 
-    @app.task(shared=False, name=names.SWEEP_SAGAS, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.SWEEP_SAGAS, base=housekeeping)
     def sweep() -> dict[str, int]:
         """Redrive or finish the sagas past their deadline."""
         report = sweep_overdue(
@@ -80,7 +81,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         )
         return vars(report)
 
-    @app.task(shared=False, name=names.CHECK_EVENTS, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.CHECK_EVENTS, base=housekeeping)
     def check_events() -> dict[str, int]:
         """The integrity check: consumers' positions against the event log, for the
         orders changed recently and a batch of the sweep round all orders."""
@@ -94,7 +95,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             sweep_rows=settings.events_sweep_rows,
         )
 
-    @app.task(shared=False, name=names.RETAIN, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.RETAIN, base=housekeeping)
     def retain() -> dict[str, int]:
         """Remove what is finished and past its retention, a bounded batch per run."""
         policy = retention.RetentionPolicy.from_settings(runtime.settings)
@@ -106,6 +107,24 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         _register_test_tasks(app, runtime, base)
     if runtime.settings.bench_tasks:
         _register_bench_tasks(app, runtime, base)
+
+
+def _housekeeping(base: type[PolicyTask]) -> type[PolicyTask]:
+    """The housekeeping tasks' base: no retry (the next run comes soon), no dead letter,
+    and no task events: beat sends them every few seconds, and Flower's task list is for
+    the sagas (Celery's lines about their runs are dropped too: config.logs.QUIET_TASKS).
+    Their runs are counted instead (``orders_housekeeping_runs_total``)."""
+
+    class HousekeepingTask(base):  # type: ignore[valid-type,misc]
+        abstract = True
+        retries = 0
+        dead_letters = False
+        send_events = False
+
+        def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+            HOUSEKEEPING_RUNS.labels(self.name).inc()
+
+    return HousekeepingTask
 
 
 def _complete_sent(runtime: Runtime, saga: SagaHandlers, saga_id: str) -> None:
@@ -184,7 +203,7 @@ def _register_batch_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask])
             lambda: batch.run_chunk(runtime.engine, UUID(run_id), number, customer_ids)
         )
 
-    @app.task(shared=False, name=names.SWEEP_BATCH_RUNS, base=base, retries=0, dead_letters=False)
+    @app.task(shared=False, name=names.SWEEP_BATCH_RUNS, base=_housekeeping(base))
     def sweep_batch_runs() -> dict[str, int]:
         """Resume the runs that stopped moving (chunks unpublished or lost), or fail them."""
         ready = lambda: _caught_up(runtime, runtime.settings.batch_queue)  # noqa: E731
