@@ -7,9 +7,12 @@ Flower) under ``scripts.supervise``: a process that exits is started again, with
 backoff, and the others go on. Ctrl-C (SIGINT) or SIGTERM stops every process, then
 the servers.
 
-Ports: PostgreSQL 5432, Redis 6379 and 6380, the API 8000, Flower 5555, the saga
-worker's metrics 9808, or those named by PG_PORT, REDIS_PORT, CACHE_PORT, API_PORT,
-FLOWER_PORT, SAGA_METRICS_PORT; any free port where that one is taken.
+Ports: PostgreSQL 5432, Redis 6379 and 6380, the API 8000 (its metrics on /metrics),
+Flower 5555, and the Prometheus metrics of every other process: the saga, default,
+batch and housekeeping workers 9808 to 9811, the event consumers 9812, beat 9813, the
+webhooks worker 9814; or those named by PG_PORT, REDIS_PORT, CACHE_PORT, API_PORT,
+FLOWER_PORT and the METRICS_PORTS variables; any free port where that one is taken.
+The banner lists them.
 
 Nothing in ``.run`` is for other users: the directory is ours alone (as root: mode 710,
 group postgres, so the PostgreSQL server can reach its own directories) and every
@@ -44,6 +47,19 @@ from scripts.supervise import Supervisor
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ.get("RUN_DIR") or ROOT / ".run").resolve()
 BIN = Path(sys.executable).parent
+
+
+#: Each process's Prometheus port: the variable naming it (the Procfile hands a worker's
+#: to it as WORKER_METRICS_PORT), its default, and what serves there.
+METRICS_PORTS = (
+    ("SAGA_METRICS_PORT", 9808, "saga worker"),
+    ("DEFAULT_METRICS_PORT", 9809, "default worker"),
+    ("BATCH_METRICS_PORT", 9810, "batch worker"),
+    ("HOUSEKEEPING_METRICS_PORT", 9811, "housekeeping worker"),
+    ("EVENTS_METRICS_PORT", 9812, "event consumers"),
+    ("BEAT_METRICS_PORT", 9813, "beat"),
+    ("WEBHOOKS_METRICS_PORT", 9814, "webhooks worker"),
+)
 
 
 def _port(variable: str, default: int) -> int:
@@ -118,7 +134,8 @@ def _run() -> int:
         maxmemory="128mb",
     )
     api_port = _port("API_PORT", 8000)
-    flower_port, metrics_port = _port("FLOWER_PORT", 5555), _port("SAGA_METRICS_PORT", 9808)
+    flower_port = _port("FLOWER_PORT", 5555)
+    metrics = {variable: _port(variable, default) for variable, default, _ in METRICS_PORTS}
     env = {
         "APP_ENV": "local",
         "DATABASE_URL": pg.url(role="app"),
@@ -126,7 +143,7 @@ def _run() -> int:
         "CACHE_URL": cache.url(0),
         "API_PORT": str(api_port),
         "FLOWER_PORT": str(flower_port),
-        "SAGA_METRICS_PORT": str(metrics_port),
+        **{variable: str(port) for variable, port in metrics.items()},
         "FLOWER_BASIC_AUTH": f"admin:{keys['flower_password']}",
         "RUN_DIR": str(RUN_DIR),
     }
@@ -156,12 +173,20 @@ def _run() -> int:
             check=True,
         )
         secrets_file = RUN_DIR / "secrets.json"
+        scraped = "\n".join(
+            f"            {what:<20} http://127.0.0.1:{metrics[variable]}/metrics"
+            for variable, _, what in METRICS_PORTS
+        )
         print(
             f"""
   API       http://127.0.0.1:{api_port}   (API keys: {keys_file})
-  Admin     /admin/dead-letters, /admin/batches/credit-check   (the "operator" key)
+  Admin     /admin/dead-letters, /admin/batches/credit-check, /admin/credit-reviews
+            (the "operator" key)
   OpenAPI   http://127.0.0.1:{api_port}/openapi.json
+  Webhooks  POST /webhooks {{"url": "http://127.0.0.1:9000/hook"}}: final states, signed
   Flower    http://127.0.0.1:{flower_port}   (user admin; password in {secrets_file})
+  Metrics   {"API":<20} http://127.0.0.1:{api_port}/metrics
+{scraped}
   Postgres  127.0.0.1:{pg.port}/orders   (roles and passwords in {secrets_file})
   Settings  {env_file}
 

@@ -12,14 +12,22 @@ On top of redbeat this scheduler:
   stores a schedule as JSON, which would make it a plain interval;
 - rides out a Redis outage, or a Redis restarted empty, instead of exiting: a tick that
   cannot reach Redis is tried again a moment later, and a beat that lost its lock goes
-  back to waiting for it and, once it holds it again, installs the schedule again.
+  back to waiting for it and, once it holds it again, installs the schedule again;
+- serves its figures to Prometheus on ``BEAT_METRICS_PORT`` (``BeatFigures``): whether it
+  holds the lock, when it last ticked, and per schedule entry how many tasks it sent and
+  when it last did. A standby beat answers too (lock 0, nothing sent).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from celery.utils.log import get_logger
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # redbeat ships without type hints.
 from redbeat import RedBeatScheduler  # type: ignore[import-untyped]
@@ -33,6 +41,7 @@ from redis.exceptions import LockError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.schedules import AlignedEvery
+from config.settings import Settings, load_settings
 
 logger = get_logger("celery.beat")
 
@@ -56,8 +65,26 @@ class FailoverScheduler(RedBeatScheduler):  # type: ignore[misc]
     Entry = Entry
     lock: Any = None
 
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        #: Unix time of the last tick (None before the first).
+        self.last_tick: float | None = None
+        #: Per schedule entry: tasks sent, and the Unix time of the last one.
+        self.sent: dict[str, tuple[int, float]] = {}
+        super().__init__(app, *args, **kwargs)
+        if not kwargs.get("lazy"):  # the one that runs (a lazy one only describes it)
+            runtime = getattr(app, "orders_runtime", None)
+            _serve_metrics(self, runtime.settings if runtime else load_settings())
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        """Send the entry's task, and count it."""
+        result = super().apply_async(entry, producer=producer, advance=advance, **kw)
+        count, _ = self.sent.get(entry.name, (0, 0.0))
+        self.sent[entry.name] = (count + 1, time.time())
+        return result
+
     def tick(self, min: Any = min, **kwargs: Any) -> float:
         """Send what is due if this beat holds the lock; otherwise try to take it."""
+        self.last_tick = time.time()
         try:
             if self.lock is None and not self._take_lock():
                 return float(self.max_interval)
@@ -83,3 +110,58 @@ class FailoverScheduler(RedBeatScheduler):  # type: ignore[misc]
         self.lock = lock
         self.setup_schedule()
         return True
+
+
+class BeatFigures(Collector):
+    """What a scrape reads of this beat's scheduler."""
+
+    def __init__(self, scheduler: FailoverScheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        """The scheduler's figures now."""
+        scheduler = self.scheduler
+        yield GaugeMetricFamily(
+            "orders_beat_lock_held",
+            "1 while this beat holds the lock and sends the schedule, 0 while it stands by.",
+            value=0 if scheduler.lock is None else 1,
+        )
+        if scheduler.last_tick is not None:
+            yield GaugeMetricFamily(
+                "orders_beat_last_tick_timestamp_seconds",
+                "When this beat last ticked (Unix time).",
+                value=scheduler.last_tick,
+            )
+        sent = CounterMetricFamily(
+            "orders_beat_sent", "Tasks this beat sent, by schedule entry.", labels=["entry"]
+        )
+        last = GaugeMetricFamily(
+            "orders_beat_last_sent_timestamp_seconds",
+            "When this beat last sent each schedule entry's task (Unix time).",
+            labels=["entry"],
+        )
+        for name, (count, at) in sorted(scheduler.sent.items()):
+            sent.add_metric([name], count)
+            last.add_metric([name], at)
+        yield sent
+        yield last
+
+
+#: The port this process serves on (one server per process, whatever the schedulers).
+_serving: list[int] = []
+
+
+def _serve_metrics(scheduler: FailoverScheduler, settings: Settings) -> None:
+    """Serve the scheduler's figures on BEAT_METRICS_PORT (0: not at all)."""
+    port = settings.beat_metrics_port
+    if not port or _serving:
+        return
+    registry = CollectorRegistry()
+    registry.register(BeatFigures(scheduler))
+    try:
+        start_http_server(port, addr=settings.worker_metrics_bind, registry=registry)
+    except OSError as exc:  # beat's work goes on without its figures
+        logger.warning("beat: no metrics on %s:%d: %s", settings.worker_metrics_bind, port, exc)
+        return
+    _serving.append(port)
+    logger.info("beat: metrics on %s:%d", settings.worker_metrics_bind, port)

@@ -22,6 +22,7 @@ import psutil
 import pytest
 import yaml
 
+from scripts.run import METRICS_PORTS
 from scripts.services import free_port, port_is_free
 from tests.conftest import ROOT
 from tests.helpers import wait_for
@@ -29,7 +30,10 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.e2e
 
 #: The ports `make run` opens, each named by a variable.
-PORTS = ("PG_PORT", "REDIS_PORT", "CACHE_PORT", "API_PORT", "FLOWER_PORT", "SAGA_METRICS_PORT")
+PORTS = (
+    *("PG_PORT", "REDIS_PORT", "CACHE_PORT", "API_PORT", "FLOWER_PORT"),
+    *(variable for variable, _, _ in METRICS_PORTS),
+)
 STARTED = re.compile(r"\| (\w+) started \(pid=(\d+)")
 EXITED = re.compile(r"\| (\w+) \(pid=(\d+)\) (.+?) after [\d.]+ s; restart \d+ in ([\d.]+) s")
 
@@ -224,6 +228,11 @@ def test_make_run_stays_up_while_its_processes_are_killed_and_stops_clean_on_sig
     assert env["API_PORT"] == ports["API_PORT"]
     health = f"http://127.0.0.1:{env['API_PORT']}/healthz"
     wait_for("the API", lambda: answers(health), timeout=60)
+    # Every process serves its metrics where the banner says.
+    for variable, _, what in METRICS_PORTS:
+        url = f"http://127.0.0.1:{env[variable]}/metrics"
+        assert url in supervisor.log(), what
+        wait_for(f"the {what}'s metrics", lambda url=url: answers(url), timeout=60)
     servers = [int(env["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])] + [
         int(env[name].rsplit(":", 1)[1].split("/")[0]) for name in ("REDIS_URL", "CACHE_URL")
     ]

@@ -120,6 +120,8 @@ class WorkerSpec:
     queues: str
     concurrency: int = 2
     nice: int = 0
+    #: Settings of this node only (its WORKER_METRICS_PORT, say), over the stack's.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 ALL_LANES = "saga.high,default,batch.low,housekeeping,webhooks"
@@ -196,6 +198,7 @@ class Stack:
                 + f"celery -A workers.app worker -P prefork -c {spec.concurrency} "
                 f"-Q {spec.queues} -n {spec.name}-{self.api_port}@%h --without-mingle "
                 f"--without-gossip -l INFO{events}",
+                **dict(spec.env),
             )
             for spec in specs
         ]
