@@ -106,3 +106,9 @@ class Operations(Protocol):
 
     def batch_run(self, run_id: UUID) -> dict[str, Any] | None:
         """A batch run's progress, or None."""
+
+    def credit_reviews(
+        self, *, flagged_only: bool, limit: int, after: str | None
+    ) -> list[dict[str, Any]]:
+        """Customers' latest credit reviews by customer id (after ``after``), at most
+        ``limit``; only the flagged ones when ``flagged_only``."""

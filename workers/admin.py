@@ -1,4 +1,4 @@
-"""The API's ``Operations`` port: the dead-letter queue and batch runs."""
+"""The API's ``Operations`` port: the dead-letter queue, batch runs and their findings."""
 
 from __future__ import annotations
 
@@ -76,3 +76,11 @@ class Operations:
         """A run's progress."""
         status = batch.run_status(self.engine, run_id)
         return status.to_dict() if status else None
+
+    def credit_reviews(
+        self, *, flagged_only: bool, limit: int, after: str | None
+    ) -> list[dict[str, Any]]:
+        """The credit check's latest reviews (its findings: the flagged ones)."""
+        return batch.credit_findings(
+            self.engine, flagged_only=flagged_only, limit=limit, after=after
+        )

@@ -5,6 +5,8 @@ lane, with a run that records its progress and finishes even when chunks fail.
     python -m workers.batch start --full      a run that sums every customer's orders anew
     python -m workers.batch status RUN_ID     a run's progress
     python -m workers.batch list              the latest runs
+    python -m workers.batch findings [--all]  the customers the latest reviews flagged
+                                              (--all: every customer's latest review)
 
 Beat starts a run per schedule tick; the run's window key (the tick) is unique per job,
 so two beat processes firing the same tick make one run. A chunk that fails retries,
@@ -40,7 +42,7 @@ from config.cli import ToolSettings
 from config.failpoints import failpoint
 from config.settings import Settings
 from orders.credit_review import clear_checkpoints, review_customers
-from orders.tables import customers
+from orders.tables import credit_reviews, customers
 from workers import dlq
 from workers.tables import batch_chunks, batch_runs
 
@@ -424,6 +426,42 @@ def _status(row: Any) -> RunStatus:
     )
 
 
+#: Most reviews one page of findings holds.
+MAX_FINDINGS = 1000
+
+
+def credit_findings(
+    engine: Engine, *, flagged_only: bool = True, limit: int = 100, after: str | None = None
+) -> list[dict[str, Any]]:
+    """Customers' latest credit reviews, by customer id (those after ``after``), at most
+    ``limit``: only the flagged ones (over their limit, or figures that disagree with
+    their orders: ``findings`` says how) unless ``flagged_only`` is False."""
+    review = credit_reviews.c
+    query = select(credit_reviews).order_by(review.customer_id).limit(limit)
+    if flagged_only:  # the partial index of flagged reviews
+        query = query.where(or_(review.over_limit, review.inconsistent))
+    if after is not None:
+        query = query.where(review.customer_id > after)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [
+        {
+            "customer_id": row.customer_id,
+            "run_id": str(row.run_id),
+            "reviewed_at": row.reviewed_at.isoformat(),
+            "flagged": row.over_limit or row.inconsistent,
+            "over_limit": row.over_limit,
+            "inconsistent": row.inconsistent,
+            "findings": list(row.findings),
+            "credit_limit": f"{row.credit_limit:.2f}",
+            "credit_used": f"{row.credit_used:.2f}",
+            "credit_reserved": f"{row.credit_reserved:.2f}",
+            "available": f"{row.available:.2f}",
+        }
+        for row in rows
+    ]
+
+
 def on_demand_window() -> str:
     """A window of its own for a run started by hand."""
     return f"manual-{datetime.now(UTC).isoformat()}-{uuid.uuid4().hex[:8]}"
@@ -446,6 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("status", help="a run's progress").add_argument("run_id", type=UUID)
     commands.add_parser("list", help="the latest runs")
+    findings = commands.add_parser(
+        "findings", help="the customers the credit check flagged, a JSON line each"
+    )
+    findings.add_argument(
+        "--all", action="store_true", help="every customer's latest review, flagged or not"
+    )
+    findings.add_argument(
+        "--limit", type=_page_size, default=100, help=f"reviews at most (1 to {MAX_FINDINGS})"
+    )
+    findings.add_argument("--after", metavar="CUSTOMER_ID", help="the customers after this one")
     args = parser.parse_args(argv)
     tool = ToolSettings.checked(broker=args.command == "start")
     if tool is None:
@@ -462,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no run {args.run_id}", file=sys.stderr)
                 return 1
             print(json.dumps(status.to_dict(), indent=2))
+        elif args.command == "findings":
+            _findings_command(engine, args.all, args.limit, args.after)
         else:
             for status in latest_runs(engine):
                 print(json.dumps(status.to_dict()))
@@ -470,6 +520,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.dispose()
     return 0
+
+
+def _page_size(text: str) -> int:
+    """A --limit: a whole number from 1 to MAX_FINDINGS."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_FINDINGS:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to {MAX_FINDINGS}")
+    return int(text)
+
+
+def _findings_command(engine: Engine, every: bool, limit: int, after: str | None) -> None:
+    """Print a page of reviews, and on standard error how to read the next one."""
+    page = credit_findings(engine, flagged_only=not every, limit=limit + 1, after=after)
+    for review in page[:limit]:
+        print(json.dumps(review))
+    if len(page) > limit:
+        more = page[limit - 1]["customer_id"]
+        print(f"more: add --after {more}", file=sys.stderr)
 
 
 def _start_command(engine: Engine, app: Celery, tool: ToolSettings, *, full: bool) -> int:

@@ -461,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--task")
     listing.add_argument("--error")
     listing.add_argument("--older-than", type=parse_age)
-    listing.add_argument("--state", default="open", choices=["open", "replayed", "purged"])
+    listing.add_argument(
+        "--state",
+        default="open",
+        type=str.lower,
+        choices=["open", "replayed", "purged"],
+        help="either case (letters show it as OPEN, REPLAYED, PURGED)",
+    )
     listing.add_argument("--limit", type=int, default=100)
     commands.add_parser("list", parents=[listing], help="list letters")
     commands.add_parser("show", help="one letter in full").add_argument("id", type=int)

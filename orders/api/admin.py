@@ -1,20 +1,22 @@
-"""Operators' endpoints: the dead-letter queue and batch runs (ADMIN_API_KEYS only)."""
+"""Operators' endpoints: the dead-letter queue, batch runs and the credit check's findings
+(an operator's key only)."""
 
 from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from uuid import UUID
 
 from flask import Blueprint, Response, request
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from sqlalchemy import Engine
 from werkzeug.exceptions import BadRequest, NotFound
 
 from config.settings import Settings
 from orders.api.auth import require_key
 from orders.api.bodies import read_json
+from orders.api.problems import validation_problem
 from orders.api.schemas import whole_number
 from orders.ports import Operations
 
@@ -22,6 +24,10 @@ from orders.ports import Operations
 MAX_ID = 2**63 - 1
 #: Longest text filter (a task name, a piece of an error message).
 MAX_FILTER_CHARS = 200
+#: The dead letters' states, as a filter (either case) and as answered (upper case).
+LETTER_STATES = ("OPEN", "REPLAYED", "PURGED")
+#: Credit reviews one page holds: by default, and at most.
+REVIEWS_PAGE, MAX_REVIEWS_PAGE = 100, 1000
 
 
 class LetterIds(BaseModel):
@@ -68,12 +74,16 @@ def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) 
     def authenticate() -> None:
         require_key(engine, operator=True)
 
+    @bp.errorhandler(ValidationError)
+    def invalid_body(exc: ValidationError) -> Response:
+        return validation_problem(exc, title="Invalid request")
+
     @bp.get("/admin/dead-letters")
     def list_dead_letters() -> Response:
         args = request.args
-        state: Literal["open", "replayed", "purged"] = args.get("state", "open")  # type: ignore[assignment]
-        if state not in ("open", "replayed", "purged"):
-            raise BadRequest("state is open, replayed or purged")
+        state = args.get("state", "open").upper()
+        if state not in LETTER_STATES:
+            raise BadRequest("state is open, replayed or purged (either case)")
         try:
             older = float(args["older_than_seconds"]) if "older_than_seconds" in args else None
             limit = int(args.get("limit", 100))
@@ -119,6 +129,30 @@ def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) 
         response = _json({"run_id": run_id, "links": {"self": f"/batches/{run_id}"}}, 202)
         response.headers["Location"] = f"/batches/{run_id}"
         return response
+
+    @bp.get("/admin/credit-reviews")
+    def list_credit_reviews() -> Response:
+        args = request.args
+        flagged = args.get("flagged", "true").lower()
+        if flagged not in ("true", "false"):
+            raise BadRequest("flagged is true or false")
+        try:
+            limit = int(args.get("limit", REVIEWS_PAGE))
+        except ValueError:
+            raise BadRequest("limit is a number") from None
+        if not 1 <= limit <= MAX_REVIEWS_PAGE:
+            raise BadRequest(f"limit is between 1 and {MAX_REVIEWS_PAGE}")
+        after = _text_filter("after")  # the last customer id of the previous page
+        # One more than asked: whether there is a next page.
+        reviews = operations.credit_reviews(
+            flagged_only=flagged == "true", limit=limit + 1, after=after
+        )
+        following = None
+        if len(reviews) > limit:
+            reviews = reviews[:limit]
+            last = reviews[-1]["customer_id"]
+            following = f"/admin/credit-reviews?flagged={flagged}&limit={limit}&after={last}"
+        return _json({"credit_reviews": reviews, "next": following})
 
     @bp.get("/batches/<run_id>")
     def batch_run(run_id: str) -> Response:

@@ -65,4 +65,6 @@ def instrument(app: Flask) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        # The type as prometheus_client names it, charset included: as a mimetype,
+        # Flask would add a second charset.
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

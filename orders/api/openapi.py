@@ -13,7 +13,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from config.settings import Settings
-from orders.api.admin import MAX_FILTER_CHARS, MAX_ID, LetterIds
+from orders.api.admin import (
+    LETTER_STATES,
+    MAX_FILTER_CHARS,
+    MAX_ID,
+    MAX_REVIEWS_PAGE,
+    REVIEWS_PAGE,
+    LetterIds,
+)
 from orders.api.routes import MAX_IDEMPOTENCY_KEY, MAX_PAGE_SIZE, MAX_STATUS_IDS, PAGE_SIZE
 from orders.api.schemas import (
     REF_PATTERN,
@@ -21,6 +28,7 @@ from orders.api.schemas import (
     ActionOut,
     BatchRunOut,
     CreditOut,
+    CreditReviewsOut,
     CustomerOrdersOut,
     CustomerSummaryOut,
     DeadLetterDetailOut,
@@ -363,8 +371,15 @@ def _operator_paths() -> dict[str, Any]:
             [
                 _query(
                     "state",
-                    "the letters' state",
-                    {"type": "string", "enum": ["open", "replayed", "purged"], "default": "open"},
+                    "the letters' state, in either case (answers spell it in upper case)",
+                    {
+                        "type": "string",
+                        "enum": [
+                            *(state.lower() for state in LETTER_STATES),
+                            *LETTER_STATES,
+                        ],
+                        "default": "open",
+                    },
                 ),
                 _query("task", "only this task's letters", _text_filter()),
                 _query(
@@ -430,6 +445,36 @@ def _operator_paths() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref(RunStartedOut)}},
                 }
             },
+        ),
+        "/admin/credit-reviews": _get(
+            "The credit check's findings: each customer's latest review, by customer id",
+            [
+                _query(
+                    "flagged",
+                    "true: only the customers flagged (over their limit, or credit figures "
+                    "that disagree with their orders); false: every review",
+                    {"type": "string", "enum": ["true", "false"], "default": "true"},
+                ),
+                _query(
+                    "limit",
+                    f"reviews at most, 1 to {MAX_REVIEWS_PAGE}",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_REVIEWS_PAGE,
+                        "default": REVIEWS_PAGE,
+                    },
+                ),
+                _query(
+                    "after",
+                    "only customers whose id sorts after this (the last of the previous page: "
+                    "see next)",
+                    _text_filter(),
+                ),
+            ],
+            _ok(CreditReviewsOut, "A page of reviews; next: the following page, if any"),
+            400,
+            operator=True,
         ),
         "/batches/{run_id}": _get(
             "A batch run's progress",
@@ -499,6 +544,7 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
         PurgedOut,
         RunStartedOut,
         BatchRunOut,
+        CreditReviewsOut,
         Problem,
     )
     schemas["OrderIn"]["properties"]["lines"]["maxItems"] = settings.max_order_lines
@@ -537,7 +583,12 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}],
-        "tags": [{"name": "operators", "description": "The dead-letter queue and batch runs"}],
+        "tags": [
+            {
+                "name": "operators",
+                "description": "The dead-letter queue, batch runs and the credit check's findings",
+            }
+        ],
         "paths": {
             **_order_paths(settings),
             **_customer_paths(),

@@ -56,7 +56,7 @@ def _cut(value: Any) -> Any:
     return value
 
 
-def validation_problem(exc: ValidationError) -> Response:
+def validation_problem(exc: ValidationError, title: str = "Invalid order") -> Response:
     """A 422 naming each field that failed validation (the first MAX_ERRORS), and why."""
     errors = [
         {"loc": ".".join(str(part) for part in error["loc"]), "msg": error["msg"]}
@@ -64,7 +64,7 @@ def validation_problem(exc: ValidationError) -> Response:
     ]
     return problem(
         422,
-        "Invalid order",
+        title,
         "the request body does not match the schema",
         **capped_errors(errors),
     )

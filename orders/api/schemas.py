@@ -276,6 +276,34 @@ class RunStartedOut(BaseModel):
     links: RunLinks
 
 
+class CreditReviewOut(BaseModel):
+    """A customer's latest credit review (the batch credit check's)."""
+
+    customer_id: str
+    #: The run that reviewed the customer last.
+    run_id: UUID
+    reviewed_at: datetime
+    #: Over the limit or inconsistent: someone should look at this customer.
+    flagged: bool
+    #: Credit used and reserved together pass the limit.
+    over_limit: bool
+    #: The credit figures disagree with the customer's orders (``findings`` says how).
+    inconsistent: bool
+    findings: list[str]
+    credit_limit: MoneyText
+    credit_used: MoneyText
+    credit_reserved: MoneyText
+    available: MoneyText
+
+
+class CreditReviewsOut(BaseModel):
+    """A page of customers' latest credit reviews, by customer id."""
+
+    credit_reviews: list[CreditReviewOut]
+    #: The next page, when there is one.
+    next: str | None
+
+
 class BatchRunOut(BaseModel):
     """A batch run's progress."""
 
