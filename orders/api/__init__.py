@@ -17,6 +17,7 @@ from orders.api.openapi import openapi_document
 from orders.api.problems import register_error_handlers
 from orders.api.routes import customers_blueprint, orders_blueprint
 from orders.api.timeline import timeline_blueprint
+from orders.api.webhooks import webhooks_blueprint
 from orders.cache import Caches
 from orders.db import make_engine
 from orders.ports import Operations, SagaCanceller, SagaStarter, TimelineSource
@@ -77,6 +78,7 @@ def create_app(
         orders_blueprint(settings, engine, starter, reader, canceller=canceller, refunds=refunds)
     )
     app.register_blueprint(customers_blueprint(settings, engine, reader))
+    app.register_blueprint(webhooks_blueprint(settings, engine))
     if timeline is not None:
         app.register_blueprint(timeline_blueprint(settings, engine, timeline, reader))
     if operations is not None:

@@ -45,6 +45,16 @@ from orders.api.schemas import (
     StatusOut,
     TimelineOut,
 )
+from orders.api.webhooks import (
+    DELIVERIES_PAGE,
+    MAX_DELIVERIES_PAGE,
+    DeliveriesOut,
+    DeliveryReplayedOut,
+    WebhookIn,
+    WebhookSecretOut,
+    WebhooksOut,
+)
+from orders.webhooks import url_pattern
 
 _REF = "#/components/schemas/{model}"
 PROBLEM_JSON = "application/problem+json"
@@ -486,6 +496,94 @@ def _operator_paths() -> dict[str, Any]:
     }
 
 
+def _webhook_paths() -> dict[str, Any]:
+    webhook_id = _path("webhook_id", "the endpoint's id", {"type": "string", "format": "uuid"})
+    delivery_id = _path("delivery_id", "the delivery's id", {"type": "string", "format": "uuid"})
+
+    def op(summary: str, ok: dict[str, Any], *codes: int, **more: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "tags": ["webhooks"],
+            **more,
+            "responses": {**ok, **_problems(*_KEYED, *codes)},
+        }
+
+    secret_answer = {
+        "description": "The endpoint and its secret (shown this once)",
+        "content": {"application/json": {"schema": _ref(WebhookSecretOut)}},
+    }
+    return {
+        "/webhooks": {
+            "post": op(
+                "Register a URL for the final states of the orders this key places",
+                {
+                    "201": {
+                        **secret_answer,
+                        "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+                    }
+                },
+                400,
+                409,
+                413,
+                415,
+                422,
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(WebhookIn)}},
+                },
+            ),
+            "get": op("This key's endpoints", _ok(WebhooksOut, "The endpoints")),
+        },
+        "/webhooks/{webhook_id}": {
+            "delete": op(
+                "Stop sending to the endpoint (its delivery log is kept)",
+                {"204": {"description": "Deleted"}},
+                404,
+                parameters=[webhook_id],
+            )
+        },
+        "/webhooks/{webhook_id}/rotate": {
+            "post": op(
+                "A new secret; the previous one still signs, as a second signature, for "
+                "WEBHOOK_ROTATION_GRACE_SECONDS",
+                {"200": secret_answer},
+                404,
+                parameters=[webhook_id],
+            )
+        },
+        "/webhooks/{webhook_id}/deliveries": {
+            "get": op(
+                "The endpoint's latest deliveries, newest first, with their attempts",
+                _ok(DeliveriesOut, "The deliveries"),
+                400,
+                404,
+                parameters=[
+                    webhook_id,
+                    _query(
+                        "limit",
+                        f"deliveries at most, 1 to {MAX_DELIVERIES_PAGE}",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_DELIVERIES_PAGE,
+                            "default": DELIVERIES_PAGE,
+                        },
+                    ),
+                ],
+            )
+        },
+        "/webhooks/deliveries/{delivery_id}/replay": {
+            "post": op(
+                "Send a DEAD delivery again, its attempts counted from zero",
+                _ok(DeliveryReplayedOut, "Due now", 202),
+                404,
+                409,
+                parameters=[delivery_id],
+            )
+        },
+    }
+
+
 def _open_paths() -> dict[str, Any]:
     def get(summary: str, ok: dict[str, Any], *codes: int) -> dict[str, Any]:
         return {
@@ -545,8 +643,14 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
         RunStartedOut,
         BatchRunOut,
         CreditReviewsOut,
+        WebhookIn,
+        WebhookSecretOut,
+        WebhooksOut,
+        DeliveriesOut,
+        DeliveryReplayedOut,
         Problem,
     )
+    schemas["WebhookIn"]["properties"]["url"]["pattern"] = url_pattern(settings.env)
     schemas["OrderIn"]["properties"]["lines"]["maxItems"] = settings.max_order_lines
     schemas["LineIn"]["properties"]["quantity"]["maximum"] = settings.max_line_quantity
     return {
@@ -593,6 +697,7 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
             **_order_paths(settings),
             **_customer_paths(),
             **_operator_paths(),
+            **_webhook_paths(),
             **_open_paths(),
         },
     }

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,10 +28,12 @@ import httpx
 import pytest
 import schemathesis
 from schemathesis import Case
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from config.settings import Settings
+from orders import keys
 from orders.api.openapi import openapi_document
+from orders.tables import webhook_deliveries, webhook_endpoints
 from tests.conftest import ADMIN_KEY, API_KEY
 from tests.harness.processes import Stack
 from tests.helpers import add_customer, add_product
@@ -76,6 +79,11 @@ class World:
     cursors: list[str]
     letters: list[int]
     runs: list[str]
+    #: The test key's webhook endpoints: some to delete, the others kept; and dead
+    #: deliveries of a kept one, to replay.
+    doomed: list[str] = field(default_factory=list)
+    webhooks: list[str] = field(default_factory=list)
+    deliveries: list[str] = field(default_factory=list)
     _turn: Iterator[int] = field(default_factory=itertools.count)
     #: The statuses each operation answered, by generation mode.
     answers: Counter[tuple[str, str, int]] = field(default_factory=Counter)
@@ -92,6 +100,10 @@ class World:
                 "customer_id": self.customers,
                 "letter_id": self.letters,
                 "run_id": self.runs,
+                "webhook_id": (
+                    self.doomed if case.operation.method.upper() == "DELETE" else self.webhooks
+                ),
+                "delivery_id": self.deliveries,
             }[name]
             # One in four keeps its drawn id: it names nothing, and must be answered 404.
             if next(self._turn) % 4:
@@ -146,8 +158,36 @@ def _letters(engine: Engine) -> list[int]:
         return [row.id for row in rows]
 
 
+def _webhooks(world: World, client: httpx.Client, engine: Engine) -> None:
+    """Endpoints of the test key (kept, and to delete) and dead deliveries to replay."""
+    for n in range(6):
+        made = client.post("/webhooks", json={"url": f"http://127.0.0.1:9/hook-{n}"})
+        assert made.status_code == 201, made.text
+        (world.doomed if n % 2 else world.webhooks).append(made.json()["id"])
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "endpoint_id": uuid.UUID(world.webhooks[0]),
+            "event_id": f"evt_conformance_{n}",
+            "order_id": uuid.uuid4(),
+            "event_type": "order.confirmed",
+            "payload": {},
+            "state": "DEAD",
+            "attempts": 8,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for n in range(LETTERS)
+    ]
+    with engine.begin() as conn:
+        conn.execute(webhook_deliveries.insert().values(rows))
+    world.deliveries += [str(row["id"]) for row in rows]
+
+
 @pytest.fixture(scope="module")
-def world(stack: Stack, settings: Settings, engine: Engine) -> World:
+def world(stack: Stack, settings: Settings, engine: Engine) -> Iterator[World]:
     customers = [add_customer(engine, limit="1000000000.00") for _ in range(3)]
     products = [add_product(engine, on_hand=10**9) for _ in range(settings.max_order_lines)]
     client = stack.client()
@@ -164,7 +204,18 @@ def world(stack: Stack, settings: Settings, engine: Engine) -> World:
     operator = {"Authorization": f"Bearer {ADMIN_KEY}"}
     started = httpx.post(f"{stack.api_url}/admin/batches/credit-check", headers=operator)
     assert started.status_code == 202, started.text
-    return World(customers, products, orders, cursors, _letters(engine), [started.json()["run_id"]])
+    world = World(
+        customers, products, orders, cursors, _letters(engine), [started.json()["run_id"]]
+    )
+    _webhooks(world, client.http, engine)
+    yield world
+    # The endpoints the run made send nothing to later tests' orders.
+    with engine.begin() as conn:
+        conn.execute(
+            update(webhook_endpoints)
+            .where(webhook_endpoints.c.key_id == keys.key_id_of(API_KEY))
+            .values(disabled_at=datetime.now(UTC))
+        )
 
 
 #: The document the tests are drawn from: the one the server builds (the run checks that
