@@ -327,3 +327,20 @@ def test_an_order_placed_by_another_key_is_not_announced(
     deliver(engine, WebhookOutbox(), events)
 
     assert _deliveries(engine, events[0].order_id) == []
+
+
+def test_a_refund_is_announced_as_order_refunded(
+    client: FlaskClient, engine: Engine, world: dict[str, str]
+) -> None:
+    register(client, world["key"], "http://example.com/hook")
+    events = _final_state(engine, world["key_id"], world["customer"], world["product"])
+    last = events[-1]
+    # The refund's event as the refund saga appends it (the consumer keys on its type).
+    refunded = replace(last, id=last.id + 10**12, seq=last.seq + 1, type="OrderRefunded")
+    deliver(engine, WebhookOutbox(), [*events, refunded])
+
+    rows = _deliveries(engine, last.order_id)
+    assert sorted(row.event_type for row in rows) == ["order.cancelled", "order.refunded"]
+    [refund] = [row for row in rows if row.event_type == "order.refunded"]
+    assert refund.payload["data"]["status"] == "REFUNDED"
+    assert refund.event_id == event_id(last.order_id, last.seq + 1)
