@@ -94,6 +94,7 @@ QUIET_TASKS = frozenset(
         names.CHECK_EVENTS,
         names.SWEEP_BATCH_RUNS,
         names.RETAIN,
+        names.SEND_WEBHOOKS,
     }
 )
 #: Celery's loggers of a task's routine lines: received (the worker), succeeded (the

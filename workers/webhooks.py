@@ -195,7 +195,16 @@ def register_webhook_tasks(app: Celery, runtime: Runtime) -> None:
     """Register ``webhooks.send_due`` (beat sends it on the webhooks lane)."""
     base = policy(runtime)
 
-    @app.task(shared=False, name=names.SEND_WEBHOOKS, base=base, retries=0, dead_letters=False)
+    # Sent every second or so, like the housekeeping tasks: no task events (Flower's task
+    # list is for the sagas) and no routine log lines (config.logs.QUIET_TASKS).
+    @app.task(
+        shared=False,
+        name=names.SEND_WEBHOOKS,
+        base=base,
+        retries=0,
+        dead_letters=False,
+        send_events=False,
+    )
     def send_webhooks() -> dict[str, int]:
         """Send the deliveries that are due."""
         settings = runtime.settings

@@ -17,6 +17,7 @@ from config.logs import QUIET_TASKS, JsonFormatter, QuietTasks, gunicorn_logconf
 from config.settings import Settings, load_settings
 from workers.runtime import Runtime
 from workers.tasks import register_tasks
+from workers.webhooks import register_webhook_tasks
 
 
 class Kept(logging.Handler):
@@ -92,7 +93,9 @@ def test_lines_about_sagas_failures_and_what_a_run_did_are_kept(kept: Kept) -> N
 
 def test_the_quiet_tasks_send_no_task_events_and_the_others_do() -> None:
     app = Celery("test", set_as_current=False)
-    register_tasks(app, Runtime(Settings()))
+    runtime = Runtime(Settings())
+    register_tasks(app, runtime)
+    register_webhook_tasks(app, runtime)
     quiet = {name for name, task in app.tasks.items() if not task.send_events}
     assert quiet == QUIET_TASKS
     assert app.tasks[names.RESERVE_STOCK].send_events
