@@ -194,6 +194,9 @@ def _run() -> int:
         curl -s -X POST http://127.0.0.1:{api_port}/orders \\
           -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
           -d '{{"customer_id": "ACME", "lines": [{{"product_id": "SKU-1001", "quantity": 2}}]}}'
+        then, with the answer's order id: POST /orders/<id>/cancel (a pending order is
+        cancelled, a confirmed one refunded), POST /orders/<id>/refund, and
+        GET /orders/<id>/timeline for its sagas
 """,
             flush=True,
         )
