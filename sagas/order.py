@@ -3,8 +3,7 @@ release what was reserved and cancel it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -12,11 +11,9 @@ from sqlalchemy import Connection
 
 from config import names
 from orders import credit, inventory, services
-from orders.credit import CreditFigures
-from orders.db import after_commit
 from orders.domain import CancelReason
 from sagas.definition import SagaDefinition, Step
-from sagas.payloads import amount_of, customer_of, lines_of
+from sagas.payloads import CreditWriteThrough, amount_of, customer_of, lines_of
 from sagas.refund import REFUND_SAGA
 
 RESERVE_STOCK = "reserve_stock"
@@ -32,20 +29,10 @@ ORDER_SAGA = SagaDefinition(
 )
 
 
-class OrderSaga:
+class OrderSaga(CreditWriteThrough):
     """The order saga's effects, for ``sagas.runner`` (see ``SagaHandlers``)."""
 
     definition = ORDER_SAGA
-
-    def __init__(self, on_credit: Callable[[CreditFigures], None] | None = None) -> None:
-        #: Told a customer's new credit figures once a change of them commits (a
-        #: reservation, its release, its use at confirmation): the credit cache's
-        #: write-through.
-        self.on_credit = on_credit
-
-    def _credit_changed(self, conn: Connection, figures: CreditFigures) -> None:
-        if self.on_credit is not None:
-            after_commit(conn, partial(self.on_credit, figures))
 
     def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
         """Reserve the stock or the credit; the refusal reason when there is not enough."""

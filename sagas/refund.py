@@ -13,7 +13,6 @@ an order whose saga is running).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -21,11 +20,9 @@ from sqlalchemy import Connection, Engine
 
 from config import names
 from orders import credit, inventory, services
-from orders.credit import CreditFigures
-from orders.db import after_commit
 from sagas import runner
 from sagas.definition import SagaDefinition, Step
-from sagas.payloads import amount_of, customer_of, lines_of
+from sagas.payloads import CreditWriteThrough, amount_of, customer_of, lines_of
 from sagas.runner import Escalate, RetryAfter, SagaHandlers
 
 RETURN_STOCK = "return_stock"
@@ -48,19 +45,10 @@ def _order(payload: Mapping[str, Any]) -> UUID:
     return UUID(payload["order_id"])
 
 
-class RefundSaga:
+class RefundSaga(CreditWriteThrough):
     """The refund saga's effects, for ``sagas.runner`` (see ``SagaHandlers``)."""
 
     definition = REFUND_SAGA
-
-    def __init__(self, on_credit: Callable[[CreditFigures], None] | None = None) -> None:
-        #: Told a customer's new credit figures once a change of them commits (the
-        #: credit cache's write-through).
-        self.on_credit = on_credit
-
-    def _credit_changed(self, conn: Connection, figures: CreditFigures) -> None:
-        if self.on_credit is not None:
-            after_commit(conn, partial(self.on_credit, figures))
 
     def apply(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> str | None:
         """Put the units back on hand, or give the amount back to the credit."""
