@@ -444,7 +444,9 @@ def test_the_details_cache_stays_within_its_redis_memory_and_a_broker_redis_is_r
     small = LocalRedis(Path(servers.base), password="small", name="small-cache", maxmemory="2mb")
     small.start()
     try:
-        cache = Caches(small.url(0))
+        # A generous timeout: a put of 500 entries on a loaded machine may take longer
+        # than the caches' 50 ms, which would turn the cache off for a second (a miss).
+        cache = Caches(small.url(0), timeout=5.0)
         line = {"product_id": "SKU-1", "quantity": 1, "unit_price": "10.00"}
         for batch in range(40):  # about 8 MB of details, four times the limit
             cache.put(
