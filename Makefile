@@ -19,7 +19,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-imports: install        ## Imports point one way: config <- orders <- sagas <- workers
+imports: install        ## Imports point one way: config <- sagas <- orders <- workers
 	$(BIN)/lint-imports
 
 unit: install

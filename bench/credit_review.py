@@ -32,9 +32,9 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
+from config.database import make_engine
 from config.settings import POOL_PRESETS, Settings
 from orders.credit_review import _READ, MARGIN, review_customers
-from orders.db import make_engine
 from scripts.services import LocalPostgres
 from tests.conftest import migrate
 

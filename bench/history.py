@@ -24,8 +24,8 @@ from sqlalchemy import Connection, Engine, create_engine, text
 
 from orders.domain import CancelReason, EventType, OrderStatus
 from orders.projections import CacheRefresher, CustomerSummaries
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK
 from orders.webhook_deliveries import WebhookOutbox
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK
 from workers.partitions import extend
 
 #: The consumers of the events whose positions the history carries.

@@ -37,8 +37,8 @@ from bench.history import Loaded, load_history
 from bench.httpload import post_json, run_load
 from bench.report import write_report
 from config import names
+from config.database import make_engine
 from config.settings import POOL_PRESETS, SAGA_JOINS, Settings
-from orders.db import make_engine
 from orders.tables import customers, products
 from sagas.canvas import dispatch_saga
 from sagas.definition import SagaDefinition, Step

@@ -35,8 +35,8 @@ from pathlib import Path
 from sqlalchemy import insert
 
 from bench.httpload import post_json
+from config.database import make_engine
 from config.settings import POOL_PRESETS, Settings
-from orders.db import make_engine
 from orders.tables import customers, products
 from scripts.services import LocalPostgres, LocalRedis
 from tests.conftest import API_KEY, migrate, register_test_keys

@@ -9,7 +9,7 @@ instrumentation, and every function here returns at once. On, each process:
 - applies the instrumentations once (``instrument``): Redis (redis-py, every client),
   Celery (the task's run span, parented by the context in the message's headers), the
   publish hooks of this module (below), and, per engine, SQLAlchemy (``instrument_engine``,
-  called by ``orders.db.make_engine``) and Flask (``instrument_flask``);
+  called by ``config.database.make_engine``) and Flask (``instrument_flask``);
 - installs the SDK's provider once it is the process that does the work
   (``install_provider``): a gunicorn worker when it builds its app (no preload: after
   the fork), a Celery pool child before its first task (any pool: prefork, solo,

@@ -7,8 +7,8 @@ from decimal import Decimal
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert
 
+from config.database import make_engine
 from config.settings import load_settings
-from orders.db import make_engine
 from orders.tables import customers, products
 
 PRODUCTS = [

@@ -44,7 +44,7 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
-from orders.db import transaction
+from config.database import transaction
 from orders.tables import (
     consumer_checkpoints,
     consumer_checks,

@@ -247,7 +247,7 @@ def demo_keys(engine: Engine, out: Path, customer_ids: Sequence[str]) -> bool:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     from config.cli import ToolSettings
-    from orders.db import make_engine
+    from config.database import make_engine
 
     parser = argparse.ArgumentParser(
         prog="python -m orders.keys", description="Create, list and revoke API keys."

@@ -35,9 +35,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from config.logs import bind_log_context
 from orders.domain import ActOnOrder, CancelReason, EventType, OrderAction, OrderStatus
 from orders.errors import IdempotencyKeyReusedError, InvalidTransitionError, OrderNotFoundError
-from orders.ports import SagaCanceller, SagaStart, SagaStarter
+from orders.ports import SagaCanceller, SagaStarter
 from orders.services import append_event
 from orders.tables import order_action_keys, order_lines, orders
+from sagas.definition import SagaStart
 
 logger = logging.getLogger(__name__)
 

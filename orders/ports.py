@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -10,14 +10,7 @@ from uuid import UUID
 
 from sqlalchemy import Connection
 
-
-@dataclass(frozen=True)
-class SagaStart:
-    """The request to run an accepted order's saga. The payload holds primitives only."""
-
-    saga_id: UUID
-    order_id: UUID
-    payload: Mapping[str, Any]
+from sagas.definition import SagaStart
 
 
 class SagaStarter(Protocol):

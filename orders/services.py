@@ -50,8 +50,9 @@ from orders.errors import (
     InvalidTransitionError,
 )
 from orders.inventory import Lines
-from orders.ports import SagaStart, SagaStarter
+from orders.ports import SagaStarter
 from orders.tables import customers, idempotency_keys, order_events, order_lines, orders, products
+from sagas.definition import SagaStart
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,10 @@ Where the tasks travel is the routes' business (config.names), not the definitio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,13 @@ class SagaDefinition:
     def step_names(self) -> tuple[str, ...]:
         """The steps' names, in declaration order."""
         return tuple(step.name for step in self.steps)
+
+
+@dataclass(frozen=True)
+class SagaStart:
+    """The request to run a saga for a piece of the domain (an order): the saga's id, the
+    id of what it serves, and its payload (primitives only)."""
+
+    saga_id: UUID
+    order_id: UUID
+    payload: Mapping[str, Any]

@@ -15,9 +15,8 @@ from sqlalchemy import Connection, Engine, delete, select, text, update
 
 from config import tracing
 from config.failpoints import failpoint
-from orders.ports import SagaStart
 from sagas.canvas import dispatch_saga
-from sagas.definition import SagaDefinition
+from sagas.definition import SagaDefinition, SagaStart
 from sagas.engine import SagaState
 from sagas.store import create_saga
 from sagas.tables import outbox, sagas

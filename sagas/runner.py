@@ -21,9 +21,9 @@ from uuid import UUID
 
 from sqlalchemy import Connection, Engine
 
+from config.database import transaction
 from config.failpoints import failpoint
 from config.faults import is_transient
-from orders.db import transaction
 from sagas import store
 from sagas.definition import SagaDefinition
 from sagas.engine import (
@@ -338,3 +338,33 @@ def _record_compensation_failure(
         )
     decision = Decision(SagaState.COMPENSATION_FAILED, failure.decision.compensate, reason)
     return Completion(decision, locked.created_at, attempts, wait is None, saga_id)
+
+
+class RunningSagaCanceller:
+    """The API's ``SagaCanceller``: cancels a running saga in the request (see
+    ``runner.cancel``); a compensation that fails is left to the sweeper, as any."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        saga: SagaHandlers,
+        retry_after: RetryAfter,
+        escalate: Escalate | None = None,
+    ) -> None:
+        self.engine = engine
+        self.saga = saga
+        self.retry_after = retry_after
+        self.escalate = escalate
+
+    def cancel(self, saga_id: UUID, reason: str, within: Callable[[Connection], None]) -> bool:
+        """Cancel the saga if it is running; False if it was decided first."""
+        done = cancel(
+            self.engine,
+            self.saga,
+            saga_id,
+            reason,
+            retry_after=self.retry_after,
+            within=within,
+            escalate=self.escalate,
+        )
+        return done.decision is not None

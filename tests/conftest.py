@@ -17,9 +17,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+from config.database import make_engine
 from config.settings import POOL_PRESETS, Settings
 from orders import keys
-from orders.db import make_engine
 from scripts.services import LocalPostgres, LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,10 +6,9 @@ from datetime import timedelta
 
 from sqlalchemy import Connection
 
-from orders.ports import SagaStart
-from sagas.definition import SagaDefinition
+from orders.saga import ORDER_SAGA
+from sagas.definition import SagaDefinition, SagaStart
 from sagas.launch import stage_saga
-from sagas.order import ORDER_SAGA
 
 
 class RecordingLauncher:

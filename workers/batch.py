@@ -470,7 +470,7 @@ def on_demand_window() -> str:
 def main(argv: list[str] | None = None) -> int:
     """The operators' command line (settings from the environment, completed from the
     ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
-    from orders.db import make_engine
+    from config.database import make_engine
     from workers.celery_app import create_celery
 
     parser = argparse.ArgumentParser(prog="python -m workers.batch", description=__doc__)

@@ -451,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     """The operators' command line (settings from the environment, completed from the
     ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
     from config.cli import ToolSettings
-    from orders.db import make_engine
-    from sagas.order import DEFINITIONS
+    from config.database import make_engine
+    from orders.saga import DEFINITIONS
     from workers.celery_app import create_celery
 
     parser = argparse.ArgumentParser(prog="python -m workers.dlq", description=__doc__)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from sqlalchemy import Connection, select
 
-from sagas.order import DEFINITIONS, ORDER_SAGA
+from orders.saga import DEFINITIONS, ORDER_SAGA
 from sagas.tables import sagas
 from workers import dlq
 

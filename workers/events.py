@@ -27,10 +27,10 @@ from typing import Any
 from prometheus_client import Gauge, start_http_server
 from sqlalchemy import Engine
 
+from config.database import make_engine
 from config.logs import configure_logging
 from config.settings import Settings, load_settings
 from orders.cache import Caches
-from orders.db import make_engine
 from orders.events import Consumer, consume, lag, newest
 from orders.projections import event_consumers
 

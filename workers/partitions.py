@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, select, text
 
 from config.cli import ToolSettings
-from orders.db import make_engine
+from config.database import make_engine
 from orders.projections import event_consumers
 from orders.tables import consumer_checkpoints
 

@@ -9,15 +9,15 @@ from typing import Any
 from redis import Redis
 from sqlalchemy import Engine
 
+from config.database import make_engine
 from config.redis_client import connect
 from config.settings import Settings
 from orders.cache import CREDIT, Caches
 from orders.credit import CreditFigures
-from orders.db import make_engine
 from orders.projections import credit_entry
-from sagas.order import ORDER_SAGA, OrderSaga
+from orders.refund_saga import REFUND_SAGA, RefundSaga
+from orders.saga import ORDER_SAGA, OrderSaga
 from sagas.recovery import RecoveryPolicy
-from sagas.refund import REFUND_SAGA, RefundSaga
 from sagas.runner import SagaHandlers
 
 #: How long the count of one message's deliveries is kept.

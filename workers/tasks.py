@@ -21,11 +21,11 @@ from config import names
 from config.schedules import window_key
 from orders.events import check_all
 from orders.projections import event_consumers
+from orders.saga import DEFINITIONS
 from sagas import runner
 from sagas.canvas import complete_task_id
 from sagas.engine import STEP_FAILED
 from sagas.launch import relay_outbox
-from sagas.order import DEFINITIONS
 from sagas.recovery import sweep_overdue
 from sagas.runner import SagaHandlers
 from workers import batch, liveness, retention

@@ -2,8 +2,8 @@
 
 Composes the HTTP API (``orders.api``) with its ports: the saga launchers of orders and
 refunds (``sagas.launch``, publishing chords through a publisher-only Celery app), the
-canceller of running order sagas (``sagas.refund``), the saga timeline
-(``sagas.timeline``) and the operators' tools (``workers.admin``)."""
+canceller of running order sagas (``sagas.runner``), the saga timeline
+(``orders.saga_timeline``) and the operators' tools (``workers.admin``)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ from datetime import timedelta
 from flask import Flask
 
 from config import tracing
+from config.database import make_engine
 from config.logs import configure_logging
 from config.settings import load_settings
 from orders import api
 from orders.cache import CREDIT, Caches
 from orders.credit import CreditFigures
-from orders.db import make_engine
 from orders.projections import credit_entry
+from orders.refund_saga import REFUND_SAGA
+from orders.saga import DEFINITIONS, ORDER_SAGA, OrderSaga
+from orders.saga_timeline import SqlTimeline
 from sagas.launch import ChordLauncher
-from sagas.order import DEFINITIONS, ORDER_SAGA, OrderSaga
-from sagas.refund import REFUND_SAGA, RunningSagaCanceller
-from sagas.timeline import SqlTimeline
+from sagas.runner import RunningSagaCanceller
 from workers.admin import Operations
 from workers.celery_app import create_celery
 from workers.escalation import escalate_compensation

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask, Response, json
 from sqlalchemy import Engine, text
 
+from config.database import make_engine
 from config.logs import clear_log_context
 from config.redis_client import connect
 from config.settings import Settings, load_settings
@@ -19,7 +20,6 @@ from orders.api.routes import customers_blueprint, orders_blueprint
 from orders.api.timeline import timeline_blueprint
 from orders.api.webhooks import webhooks_blueprint
 from orders.cache import Caches
-from orders.db import make_engine
 from orders.ports import Operations, SagaCanceller, SagaStarter, TimelineSource
 from orders.reads import Reader
 

@@ -194,7 +194,7 @@ def test_a_compensation_that_keeps_failing_is_left_to_an_operator_who_replays_it
 
     app = create_celery(stack.settings, publisher=True)
     try:
-        from sagas.order import DEFINITIONS
+        from orders.saga import DEFINITIONS
 
         dlq.replay(engine, app, [letter.id], DEFINITIONS)
     finally:

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, func, insert, select
 
+from config.database import make_engine
 from config.settings import POOL_PRESETS, Settings
-from orders.db import make_engine
 from orders.domain import CancelReason
 from orders.tables import customers, idempotency_keys, orders, products
 from scripts.services import LocalPostgres, LocalRedis, LocalSentinels

@@ -20,8 +20,8 @@ from sqlalchemy import Engine, delete, insert
 from config.settings import Settings
 from orders.api import create_app
 from orders.credit_review import review_customers
+from orders.saga import DEFINITIONS
 from orders.tables import credit_reviews, customers
-from sagas.order import DEFINITIONS
 from tests.conftest import ADMIN_KEY, API_KEY, ROOT
 from tests.fakes import RecordingLauncher
 from workers.admin import Operations

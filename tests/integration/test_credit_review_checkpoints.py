@@ -23,9 +23,9 @@ import pytest
 from redis import Redis
 from sqlalchemy import Engine, insert, select, text, update
 
+from config.database import make_engine
 from config.settings import Settings
 from orders.credit_review import _READ, MARGIN, Review, clear_checkpoints, review_customers
-from orders.db import make_engine
 from orders.domain import OrderStatus
 from orders.tables import credit_reviews, customers, orders
 from tests.conftest import ROOT, Servers, migrate

@@ -20,8 +20,8 @@ from config import names
 from config.settings import Settings
 from orders import services
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import DEFINITIONS, ORDER_SAGA
 from sagas.launch import ChordLauncher, relay_outbox
-from sagas.order import DEFINITIONS, ORDER_SAGA
 from sagas.tables import outbox, sagas
 from scripts.services import free_port
 from tests.fakes import RecordingLauncher

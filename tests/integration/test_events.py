@@ -18,9 +18,9 @@ from sqlalchemy import Connection, Engine, select, update
 from orders import events, queries, services
 from orders.domain import OrderLine, PlaceOrder
 from orders.events import Event
-from orders.ports import SagaStart
 from orders.projections import CustomerSummaries
 from orders.tables import order_events, orders
+from sagas.definition import SagaStart
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product
 

@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 
 from orders import services
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas import runner
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from tests.conftest import ROOT, Servers, migrate
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product

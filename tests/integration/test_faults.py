@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import Connection, Engine, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, PendingRollbackError
 
+from config.database import make_engine, transaction
 from config.faults import is_transient
 from config.settings import Settings
-from orders.db import make_engine, transaction
 from orders.tables import products
 from tests.helpers import add_product
 

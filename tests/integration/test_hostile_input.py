@@ -22,10 +22,10 @@ from config.settings import Settings
 from orders import services
 from orders.api import create_app
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import DEFINITIONS, RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from orders.tables import order_events, products
 from sagas import runner
 from sagas.engine import SagaState
-from sagas.order import DEFINITIONS, RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from tests.conftest import ADMIN_KEY, API_KEY, Servers
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product, row_counts

@@ -26,8 +26,8 @@ from orders import services
 from orders.api import create_app
 from orders.credit_review import review_customers
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import DEFINITIONS
 from orders.tables import credit_reviews, customers
-from sagas.order import DEFINITIONS
 from scripts.services import free_port
 from tests.conftest import ADMIN_KEY, API_KEY, Servers
 from tests.fakes import RecordingLauncher

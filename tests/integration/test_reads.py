@@ -19,15 +19,15 @@ from flask import Flask
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, event
 
+from config.database import make_engine
 from config.settings import Settings
 from orders import events, keys, services
 from orders.api import create_app
 from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
-from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.projections import CacheRefresher
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas import runner
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from scripts.services import LocalRedis
 from tests.conftest import API_KEY, Servers
 from tests.fakes import RecordingLauncher

@@ -21,10 +21,10 @@ from config import names
 from config.settings import Settings
 from orders import services
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from orders.tables import order_events, orders
 from sagas import runner
 from sagas.engine import SagaState, StepStatus
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas.recovery import RecoveryPolicy, sweep_overdue
 from sagas.store import record_step
 from sagas.tables import saga_steps, sagas
@@ -405,8 +405,8 @@ def test_a_compensation_that_keeps_failing_backs_off_then_is_left_to_an_operator
 
 
 def test_the_api_answers_503_while_the_database_is_unreachable(settings: Settings) -> None:
+    from config.database import make_engine
     from orders.api import create_app
-    from orders.db import make_engine
     from scripts.services import free_port
     from tests.conftest import API_KEY
 

@@ -19,13 +19,15 @@ from sqlalchemy import Connection, Engine, func, insert, select, text
 
 from config import names
 from config.celeryconf import celery_config
+from config.database import make_engine
 from config.settings import Settings
 from orders import events, services
 from orders.api import create_app
-from orders.db import make_engine
 from orders.domain import OrderLine, PlaceOrder
 from orders.events import Event
 from orders.projections import CustomerSummaries
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
+from orders.saga_timeline import SqlTimeline
 from orders.tables import (
     consumer_checkpoints,
     idempotency_keys,
@@ -34,9 +36,7 @@ from orders.tables import (
     retention_cursors,
 )
 from sagas import runner
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas.tables import saga_steps, sagas
-from sagas.timeline import SqlTimeline
 from tests.conftest import API_KEY, Servers, migrate, register_test_keys
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product

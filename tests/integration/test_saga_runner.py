@@ -11,10 +11,10 @@ from sqlalchemy import Engine, select
 
 from orders import services
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from orders.tables import order_events, orders
 from sagas import runner
 from sagas.engine import SagaState, StepOutcome, StepStatus
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
 from sagas.tables import saga_steps, sagas
 from tests.fakes import RecordingLauncher
 from tests.helpers import Credit, Stock, add_customer, add_product, credit_of, stock_of

@@ -16,8 +16,8 @@ from sqlalchemy.exc import IntegrityError
 from config.settings import Settings
 from orders import keys
 from orders.api import create_app
+from orders.saga_timeline import SqlTimeline
 from orders.tables import api_keys, idempotency_keys
-from sagas.timeline import SqlTimeline
 from tests.conftest import API_KEY
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product, row_counts
@@ -178,7 +178,7 @@ def test_keys_are_stored_as_digests_only(engine: Engine, world: dict[str, str]) 
 def test_a_client_key_on_an_operator_endpoint_is_forbidden(
     settings: Settings, engine: Engine, world: dict[str, str]
 ) -> None:
-    from sagas.order import DEFINITIONS
+    from orders.saga import DEFINITIONS
     from workers.admin import Operations
     from workers.celery_app import create_celery
 

@@ -11,9 +11,9 @@ from config.settings import Settings
 from orders import services
 from orders.api import create_app
 from orders.domain import OrderLine, PlaceOrder
+from orders.saga import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
+from orders.saga_timeline import SqlTimeline
 from sagas import runner
-from sagas.order import RESERVE_CREDIT, RESERVE_STOCK, OrderSaga
-from sagas.timeline import SqlTimeline
 from tests.conftest import API_KEY
 from tests.fakes import RecordingLauncher
 from tests.helpers import add_customer, add_product

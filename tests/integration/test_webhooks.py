@@ -16,10 +16,10 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
+from config.database import transaction
 from config.settings import Settings
 from orders import keys, services, webhooks
 from orders.api import create_app
-from orders.db import transaction
 from orders.domain import OrderLine, PlaceOrder
 from orders.events import Event, deliver
 from orders.tables import order_events, webhook_attempts, webhook_deliveries

@@ -7,7 +7,7 @@ import pytest
 from config import names
 from config.celeryconf import celery_config
 from config.settings import ConfigError, Settings, load_settings
-from sagas.order import ORDER_SAGA
+from orders.saga import ORDER_SAGA
 from workers.base import retry_delay
 
 CONFIG = celery_config(Settings(visibility_timeout=300, task_time_limit=60))

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from config.database import after_commit
 from orders.credit import CreditFigures
-from orders.db import after_commit
 
 
 class CreditWriteThrough:

@@ -12,9 +12,9 @@ from sqlalchemy import Connection
 from config import names
 from orders import credit, inventory, services
 from orders.domain import CancelReason
+from orders.refund_saga import REFUND_SAGA
+from orders.saga_payloads import CreditWriteThrough, amount_of, customer_of, lines_of
 from sagas.definition import SagaDefinition, Step
-from sagas.payloads import CreditWriteThrough, amount_of, customer_of, lines_of
-from sagas.refund import REFUND_SAGA
 
 RESERVE_STOCK = "reserve_stock"
 RESERVE_CREDIT = "reserve_credit"

@@ -14,6 +14,15 @@ from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: Constraint names follow one pattern, so migrations can name them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
 
 def make_engine(settings: Settings, *, application_name: str = "orders") -> Engine:
     """Create this process's engine; a forked process must build its own.

@@ -5,25 +5,20 @@ It runs on the same engine as the order saga: its own saga row (``sagas.name``
 "refund"), ledger rows, deadline, sweeper coverage, outbox relay and dead letters. Its
 payload is the order's, read from the order when the refund is asked for
 (``orders.lifecycle``), with the refund saga's own id.
-
-Also here: ``RunningSagaCanceller``, the API's ``SagaCanceller`` (a customer's cancel of
-an order whose saga is running).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 
 from config import names
 from orders import credit, inventory, services
-from sagas import runner
+from orders.saga_payloads import CreditWriteThrough, amount_of, customer_of, lines_of
 from sagas.definition import SagaDefinition, Step
-from sagas.payloads import CreditWriteThrough, amount_of, customer_of, lines_of
-from sagas.runner import Escalate, RetryAfter, SagaHandlers
 
 RETURN_STOCK = "return_stock"
 RETURN_CREDIT = "return_credit"
@@ -90,33 +85,3 @@ class RefundSaga(CreditWriteThrough):
     ) -> None:
         """Show on the order that its failed refund is not undone yet, and why."""
         services.note_problem(conn, _order(payload), f"the refund failed ({reason}): {problem}")
-
-
-class RunningSagaCanceller:
-    """The API's ``SagaCanceller``: cancels a running saga in the request (see
-    ``runner.cancel``); a compensation that fails is left to the sweeper, as any."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        saga: SagaHandlers,
-        retry_after: RetryAfter,
-        escalate: Escalate | None = None,
-    ) -> None:
-        self.engine = engine
-        self.saga = saga
-        self.retry_after = retry_after
-        self.escalate = escalate
-
-    def cancel(self, saga_id: UUID, reason: str, within: Callable[[Connection], None]) -> bool:
-        """Cancel the saga if it is running; False if it was decided first."""
-        done = runner.cancel(
-            self.engine,
-            self.saga,
-            saga_id,
-            reason,
-            retry_after=self.retry_after,
-            within=within,
-            escalate=self.escalate,
-        )
-        return done.decision is not None
