@@ -142,7 +142,8 @@ def configure_logging(settings: Settings) -> None:
     # The process's own stream, even when a previous call replaced sys.stderr.
     handler = logging.StreamHandler(sys.__stderr__ if json_lines else None)
     handler.addFilter(ContextFilter())
-    handler.addFilter(QuietTasks())
+    if settings.log_quiet_tasks:
+        handler.addFilter(QuietTasks())
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

@@ -155,6 +155,10 @@ class Settings:
     #: every process). From the environment: LOG_FORMAT; unset, json under
     #: APP_ENV=production and text otherwise.
     log_format: str = "text"
+    #: Drop Celery's routine lines (received, succeeded, sending) of the housekeeping
+    #: tasks, which run every second or so (config.logs.QUIET_TASKS): LOG_QUIET_TASKS=0
+    #: keeps them (the benchmark reads the jobs' durations from them).
+    log_quiet_tasks: bool = True
     #: OpenTelemetry traces (config.tracing) are exported over OTLP (http/protobuf) when
     #: this is set: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT (the
     #: SDK reads the other OTEL_* variables itself); OTEL_SDK_DISABLED=true turns traces off.
@@ -537,6 +541,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_stall_seconds=_number(env, "BATCH_STALL_SECONDS", float, d.batch_stall_seconds),
         batch_max_resumes=_number(env, "BATCH_MAX_RESUMES", int, d.batch_max_resumes),
         log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+        log_quiet_tasks=env.get("LOG_QUIET_TASKS", "1") != "0",
         log_format=(
             env.get("LOG_FORMAT") or ("json" if app_env == "production" else d.log_format)
         ).lower(),

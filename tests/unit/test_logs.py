@@ -126,3 +126,20 @@ def test_gunicorn_writes_its_own_lines_as_json_records_under_json_only() -> None
         "gunicorn.error", logging.INFO, __file__, 1, "Booting %s", (7,), None
     )
     assert json.loads(JsonFormatter().format(record))["message"] == "Booting 7"
+
+
+def test_log_quiet_tasks_0_keeps_the_housekeeping_lines() -> None:
+    from config.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for environ, quiet in (({}, True), ({"LOG_QUIET_TASKS": "0"}, False)):
+            settings = load_settings(environ)
+            assert settings.log_quiet_tasks is quiet
+            configure_logging(settings)
+            (handler,) = root.handlers
+            assert any(isinstance(f, QuietTasks) for f in handler.filters) is quiet
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
