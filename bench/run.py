@@ -35,6 +35,8 @@ from sqlalchemy import insert, text
 
 from bench.history import Loaded, load_history
 from bench.httpload import post_json, run_load
+from bench.profile import Profiler
+from bench.profile import report as profile_report
 from bench.report import write_report
 from config import names
 from config.database import make_engine
@@ -85,6 +87,8 @@ class Level:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     redis_commands: float = 0.0
     db_transactions: float = 0.0
+    #: With ``--profile``: the saga level's profile, as markdown (bench.profile).
+    profile: str = ""
 
     @property
     def throughput(self) -> float:
@@ -205,6 +209,8 @@ class Bench:
         self.events = events
         self.processes = Processes(base)
         self.rng = random.Random(7)
+        #: Set by ``--profile``: each saga level is sampled with py-spy.
+        self.profile = False
 
     def start(self) -> None:
         """Servers, schema, data, then the system's processes."""
@@ -294,11 +300,17 @@ class Bench:
     ) -> Level:
         """Run one level and attach its costs."""
         self.processes.reset_peaks()
+        profiler = None
+        if self.profile and system == "saga":
+            profiler = Profiler(self.base / "profile" / f"{system}-{rate:g}")
+            profiler.start(self.processes.groups(), duration)
         cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
         level = drive(rate, duration)
         cpu_after, (cmd_after, xact_after) = self.processes.cpu(), self._counters()
         done = max(1, level.completed)
         level.cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / done for g in cpu_after}
+        if profiler is not None:
+            level.profile = profile_report(profiler.stop(), level.cpu_ms)
         level.peak_rss_mb = dict(self.processes.peak)
         level.redis_commands = (cmd_after - cmd_before) / done
         level.db_transactions = (xact_after - xact_before) / done
@@ -620,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         "(TRACES_FILE), to measure what they cost",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the API, workers, beat and event consumers with py-spy during each "
+        "saga level and add where their CPU goes (by package and function) to the report",
+    )
+    parser.add_argument(
         "--saga-join",
         choices=SAGA_JOINS,
         default="chord",
@@ -642,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({"TRACES_FILE": str(args.traces_file.resolve())} if args.traces_file else {}),
             },
         )
+        bench.profile = args.profile
         try:
             bench.start()
             if args.history:
@@ -660,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop()
     report = write_report(args.out, bare, saga, SLO_SECONDS, vars(args))
+    profiled = [level for level in saga if level.profile]
+    if profiled:
+        # The highest sustained level's, or the first level's if none was sustained.
+        chosen = next((lv for lv in reversed(profiled) if lv.sustained), profiled[0])
+        report += f"\n{chosen.profile.replace('## Profile', f'## Profile at {chosen.rate:g}/s', 1)}"
+        (args.out / "report.md").write_text(report)
     print(report)
     return 0
 
