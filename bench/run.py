@@ -49,6 +49,19 @@ from tests.conftest import API_KEY, migrate, register_test_keys
 from tests.harness.processes import Stack, WorkerSpec
 from workers.celery_app import create_celery
 
+#: PostgreSQL's I/O counters read around each level (Bench._storage), per operation:
+#: shared-buffer misses (a page read from the OS) and hits, WAL bytes and full-page
+#: images, pages a backend had to write out itself to free a buffer, and pages the
+#: checkpointer and background writer wrote.
+STORAGE_FIGURES = (
+    "buffer misses",
+    "buffer hits",
+    "WAL bytes",
+    "WAL full-page images",
+    "backend page writes",
+    "checkpointer and bgwriter page writes",
+)
+
 #: A rate is sustained when its p99 completion time stays under this.
 SLO_SECONDS = 1.0
 DEFAULT_RATES = (25, 50, 75, 100, 125, 150, 175, 200, 250, 300)
@@ -89,6 +102,8 @@ class Level:
     db_transactions: float = 0.0
     #: With ``--profile``: the saga level's profile, as markdown (bench.profile).
     profile: str = ""
+    #: PostgreSQL's I/O per operation (STORAGE_FIGURES), from its statistics views.
+    storage: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -295,6 +310,20 @@ class Bench:
             ).scalar_one()
         return commands, float(xacts)
 
+    def _storage(self) -> dict[str, float]:
+        """PostgreSQL's cumulative I/O counters: figures per saga that the machine's other
+        work does not blur (unlike times), so that a cost growing with the history shows."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT d.blks_read, d.blks_hit, w.wal_bytes, w.wal_fpi, "
+                    "b.buffers_backend, b.buffers_checkpoint + b.buffers_clean "
+                    "FROM pg_stat_database d, pg_stat_wal w, pg_stat_bgwriter b "
+                    "WHERE d.datname = 'orders'"
+                )
+            ).one()
+        return {name: float(value) for name, value in zip(STORAGE_FIGURES, row, strict=True)}
+
     def measure(
         self, system: str, rate: float, duration: float, drive: Callable[[float, float], Level]
     ) -> Level:
@@ -304,10 +333,13 @@ class Bench:
         if self.profile and system == "saga":
             profiler = Profiler(self.base / "profile" / f"{system}-{rate:g}")
             profiler.start(self.processes.groups(), duration)
+        storage_before = self._storage()
         cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
         level = drive(rate, duration)
         cpu_after, (cmd_after, xact_after) = self.processes.cpu(), self._counters()
+        storage_after = self._storage()
         done = max(1, level.completed)
+        level.storage = {k: (storage_after[k] - storage_before[k]) / done for k in storage_after}
         level.cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / done for g in cpu_after}
         if profiler is not None:
             level.profile = profile_report(profiler.stop(), level.cpu_ms)
@@ -539,6 +571,12 @@ def history_report(
             f"| {a.rate:.0f}/s | done / offered (errors) | {a.completed}/{a.offered} ({a.errors}) "
             f"| {b.completed}/{b.offered} ({b.errors}) | |"
         )
+        for figure in STORAGE_FIGURES:
+            x, y = a.storage.get(figure, 0.0), b.storage.get(figure, 0.0)
+            lines.append(
+                f"| {a.rate:.0f}/s | {figure} per saga | {x:,.1f} | {y:,.1f} "
+                f"| {f'{y / x:.2f}x' if x else '-'} |"
+            )
     lines += [
         "",
         'Periodic jobs during each run (the workers\' "succeeded in" lines): '
