@@ -77,10 +77,17 @@ _STEPS = [
     """
     CREATE TEMP TABLE history ON COMMIT DROP AS
     SELECT n,
-           gen_random_uuid() AS order_id,
-           gen_random_uuid() AS saga_id,
+           -- time-ordered ids (UUID version 7, as config.ids makes them) of that time
+           CAST(lpad(to_hex(floor(extract(epoch FROM created_at) * 1000)::bigint), 12, '0')
+                || '7' || substr(md5(random()::text), 1, 3)
+                || to_hex(8 + floor(random() * 4)::int) || substr(md5(random()::text), 1, 15)
+                AS uuid) AS order_id,
+           CAST(lpad(to_hex(floor(extract(epoch FROM created_at) * 1000)::bigint), 12, '0')
+                || '7' || substr(md5(random()::text), 1, 3)
+                || to_hex(8 + floor(random() * 4)::int) || substr(md5(random()::text), 1, 15)
+                AS uuid) AS saga_id,
            'C' || (n % :customers) AS customer_id,
-           now() - :span * (1 - (n - 1)::float8 / :n) - :gap AS created_at,
+           created_at,
            CASE WHEN n % 20 = 0 THEN CAST(:cancelled AS text)
                 ELSE CAST(:confirmed AS text) END AS status,
            1 + n % 2 AS line_count,
@@ -88,7 +95,8 @@ _STEPS = [
            'P' || ((n + 7) % :products) AS product_2,
            1 + n % 3 AS quantity_1,
            1 + (n + 1) % 3 AS quantity_2
-    FROM generate_series(1, :n) AS n
+    FROM (SELECT n, now() - :span * (1 - (n - 1)::float8 / :n) - :gap AS created_at
+          FROM generate_series(1, :n) AS n) AS series
     """,
     # Every product of the bench costs what its row says: the total follows the lines.
     """

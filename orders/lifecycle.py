@@ -22,7 +22,6 @@ the same key for the same request gets the same answer, for another request 422.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,6 +31,7 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from config.ids import new_id
 from config.logs import bind_log_context
 from orders.domain import ActOnOrder, CancelReason, EventType, OrderAction, OrderStatus
 from orders.errors import IdempotencyKeyReusedError, InvalidTransitionError, OrderNotFoundError
@@ -169,7 +169,7 @@ def _start_refund(
     conn: Connection, cmd: ActOnOrder, refunds: SagaStarter, customer_id: str, total: Decimal
 ) -> SagaStart:
     """Append the request's events, link the refund saga and stage it."""
-    saga_id = uuid.uuid4()
+    saga_id = new_id()
     bind_log_context(saga_id=saga_id)
     if cmd.action is OrderAction.CANCEL:
         append_event(

@@ -4,7 +4,6 @@ to cancel or refund are orders.lifecycle's)."""
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from config.failpoints import failpoint
+from config.ids import new_id
 from config.logs import bind_log_context
 from orders import credit, inventory
 from orders.domain import (
@@ -190,7 +190,7 @@ def place_order(
     transaction; the saga is dispatched after the commit. Raises InvalidOrderError or
     IdempotencyKeyReusedError, and then nothing is written."""
     now = datetime.now(UTC)
-    order_id, saga_id = uuid.uuid4(), uuid.uuid4()
+    order_id, saga_id = new_id(), new_id()
     bind_log_context(order_id=order_id, saga_id=saga_id)
     with engine.begin() as conn:
         if cmd.idempotency_key is not None:

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from sqlalchemy import Connection, Engine, Uuid, and_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
+from config.ids import new_id
 from orders.domain import EventType, OrderStatus
 from orders.events import Event
 from orders.tables import (
@@ -133,7 +134,7 @@ def _delivery(event: Event, order: Any, now: datetime) -> dict[str, Any]:
         },
     }
     return {
-        "id": uuid4(),
+        "id": new_id(),
         "endpoint_id": order.endpoint_id,
         "event_id": ident,
         "order_id": event.order_id,

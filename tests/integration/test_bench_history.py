@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -147,3 +148,18 @@ def test_consumers_have_nothing_to_read_or_repair(loaded: Engine) -> None:
         assert tally.examined >= ORDERS  # the sweep went round every order
         assert recorder.applied == []
         assert tally.gaps == 0
+
+
+def test_the_history_ids_are_time_ordered_as_the_system_makes_them(loaded: Engine) -> None:
+    """UUID version 7 of the order's time (config.ids): sorted by id is sorted by time."""
+    with loaded.connect() as conn:
+        rows = conn.execute(
+            text("SELECT o.id, o.saga_id, o.created_at FROM orders o ORDER BY o.id")
+        ).all()
+    assert {row.id.version for row in rows} == {7}
+    assert {row.saga_id.version for row in rows} == {7}
+    times = [row.created_at for row in rows]
+    assert times == sorted(times)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for row in rows:
+        assert row.id.int >> 80 == (row.created_at - epoch) // timedelta(milliseconds=1)
