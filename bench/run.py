@@ -43,7 +43,7 @@ from config.database import make_engine
 from config.settings import POOL_PRESETS, SAGA_JOINS, Settings
 from orders.tables import customers, products
 from sagas.canvas import dispatch_saga
-from sagas.definition import SagaDefinition, Step
+from sagas.definition import SagaDefinition, Stage, Step
 from scripts.services import LocalPostgres, LocalRedis
 from tests.conftest import API_KEY, migrate, register_test_keys
 from tests.harness.processes import Stack, WorkerSpec
@@ -68,7 +68,7 @@ DEFAULT_RATES = (25, 50, 75, 100, 125, 150, 175, 200, 250, 300)
 #: The bare chord: the saga's shape (two members, one body) with no work in it.
 BARE_CHORD = SagaDefinition(
     name="bench",
-    steps=(Step("a", names.BENCH_NOOP), Step("b", names.BENCH_NOOP)),
+    stages=(Stage((Step("a", names.BENCH_NOOP), Step("b", names.BENCH_NOOP))),),
     complete_task=names.BENCH_NOOP_DONE,
 )
 CUSTOMERS, PRODUCTS = 200, 200

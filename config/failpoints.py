@@ -30,6 +30,8 @@ KNOWN = {
     "step.after_commit": "a step's effect is committed, its message not yet acknowledged",
     "complete.before_commit": "the decision is made, its transaction not yet committed",
     "complete.after_commit": "the saga is decided, its message not yet acknowledged",
+    "advance.before_commit": "the next stage is decided, its transaction not yet committed",
+    "advance.after_commit": "the saga moved on to its next stage, not yet published",
     "compensate.release": "a compensation is about to release a reservation",
     "credit_check.chunk": "a chunk of a credit check runs (key: the chunk's number)",
     "batch.publish": "a batch run publishes its chunks (key: the number of the next one)",

@@ -18,7 +18,7 @@ from sqlalchemy import Connection
 from config import names
 from orders import credit, inventory, services
 from orders.saga_payloads import CreditWriteThrough, amount_of, customer_of, lines_of
-from sagas.definition import SagaDefinition, Step
+from sagas.definition import SagaDefinition, Stage, Step
 
 RETURN_STOCK = "return_stock"
 RETURN_CREDIT = "return_credit"
@@ -26,11 +26,16 @@ RETURN_CREDIT = "return_credit"
 #: was changed by hand): nothing to give back.
 CREDIT_NOT_USED = "credit_not_used"
 
+#: One stage of two steps in parallel.
 REFUND_SAGA = SagaDefinition(
     name="refund",
-    steps=(
-        Step(RETURN_STOCK, names.RETURN_STOCK),
-        Step(RETURN_CREDIT, names.RETURN_CREDIT),
+    stages=(
+        Stage(
+            (
+                Step(RETURN_STOCK, names.RETURN_STOCK),
+                Step(RETURN_CREDIT, names.RETURN_CREDIT),
+            )
+        ),
     ),
     complete_task=names.COMPLETE_REFUND,
 )

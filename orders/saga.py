@@ -3,7 +3,7 @@ release what was reserved and cancel it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from uuid import UUID
 
@@ -11,19 +11,26 @@ from sqlalchemy import Connection
 
 from config import names
 from orders import credit, inventory, services
+from orders.credit import CreditFigures
 from orders.domain import CancelReason
-from orders.refund_saga import REFUND_SAGA
+from orders.refund_saga import RefundSaga
 from orders.saga_payloads import CreditWriteThrough, amount_of, customer_of, lines_of
-from sagas.definition import SagaDefinition, Step
+from sagas.definition import SagaDefinition, Stage, Step
+from sagas.registry import SagaRegistry
 
 RESERVE_STOCK = "reserve_stock"
 RESERVE_CREDIT = "reserve_credit"
 
+#: One stage of two steps in parallel.
 ORDER_SAGA = SagaDefinition(
     name="order",
-    steps=(
-        Step(RESERVE_STOCK, names.RESERVE_STOCK),
-        Step(RESERVE_CREDIT, names.RESERVE_CREDIT),
+    stages=(
+        Stage(
+            (
+                Step(RESERVE_STOCK, names.RESERVE_STOCK),
+                Step(RESERVE_CREDIT, names.RESERVE_CREDIT),
+            )
+        ),
     ),
     complete_task=names.COMPLETE_ORDER,
 )
@@ -77,8 +84,13 @@ class OrderSaga(CreditWriteThrough):
         services.mark_compensation_failed(conn, UUID(payload["order_id"]), reason, problem)
 
 
-#: Every saga definition by name, for the outbox relay, the sweeper and the dead letters.
-DEFINITIONS: Mapping[str, SagaDefinition] = {
-    ORDER_SAGA.name: ORDER_SAGA,
-    REFUND_SAGA.name: REFUND_SAGA,
-}
+def order_sagas(on_credit: Callable[[CreditFigures], None] | None = None) -> SagaRegistry:
+    """The order domain's sagas (every version), their credit changes told to
+    ``on_credit`` once committed (the credit cache's write-through)."""
+    return SagaRegistry([OrderSaga(on_credit=on_credit), RefundSaga(on_credit=on_credit)])
+
+
+#: The order domain's sagas by name and version, for what only reads their definitions
+#: (the outbox relay, dead-letter replays, tools); what runs their steps builds its own
+#: with the credit cache's write-through (``order_sagas(on_credit)``).
+DEFINITIONS = order_sagas()

@@ -1,5 +1,5 @@
-"""Compiling a saga to a Celery chord and publishing it, by task name (or, with the
-database join, publishing its steps alone).
+"""Compiling a saga's stage to a Celery chord and publishing it, by task name (or, with
+the database join, or for a stage of one step, publishing its steps alone).
 
 The chord's messages are sent directly: the header tasks carry the body signature and
 join in the result backend's chord keys, exactly as ``celery.chord`` does, but without
@@ -23,13 +23,26 @@ from sagas.definition import SagaDefinition
 
 
 def step_task_id(saga_id: UUID | str, step: str) -> str:
-    """The Celery task id of one step of one saga."""
+    """The Celery task id of one step of one saga (step names are unique in a saga)."""
     return f"{saga_id}.{step}"
 
 
-def complete_task_id(saga_id: UUID | str) -> str:
-    """The Celery task id of a saga's completion."""
-    return f"{saga_id}.complete"
+def complete_task_id(saga_id: UUID | str, stage: int = 0) -> str:
+    """The Celery task id of the completion of one stage of a saga (stage 0 keeps the
+    id it had before sagas had stages: messages in flight across a deploy match)."""
+    return f"{saga_id}.complete" if stage == 0 else f"{saga_id}.complete.s{stage}"
+
+
+def group_id(saga_id: UUID | str, stage: int = 0) -> str:
+    """The chord's group id of one stage of a saga (stage 0: the saga's id)."""
+    return str(saga_id) if stage == 0 else f"{saga_id}.s{stage}"
+
+
+def step_kwargs(definition: SagaDefinition) -> dict[str, Any]:
+    """The keyword arguments of a step's message: the definition's version, which the
+    worker runs the step on. Version 1 sends none (a message without one means version
+    1), so that its messages are those of the workers that predate versions."""
+    return {} if definition.version == 1 else {"version": definition.version}
 
 
 def dispatch_saga(
@@ -38,31 +51,37 @@ def dispatch_saga(
     saga_id: UUID,
     payload: Mapping[str, Any],
     *,
+    stage: int = 0,
     retry: bool = True,
     join: str | None = None,
 ) -> None:
-    """Publish the saga: every step in parallel, then its completion. ``join`` (by
-    default the app's ``orders_saga_join``): "chord", a Celery chord whose body
-    completes the saga; "database", the steps alone, each completing the saga once
-    every step has an outcome in the ledger.
+    """Publish one stage of the saga (its first by default): its steps in parallel, then
+    its completion. ``join`` (by default the app's ``orders_saga_join``): "chord", a
+    Celery chord whose body completes the stage; "database", the steps alone, each
+    completing the stage once every step of it has an outcome in the ledger. A stage
+    of one step is that step alone whatever the join: it completes the stage itself.
 
     Raises the broker's error when it cannot be reached (and ``retry`` is off)."""
+    steps = definition.stages[stage].steps
     chord: dict[str, Any] = {}
-    if (join or app.conf.get("orders_saga_join", "chord")) == "chord":
-        group_id = str(saga_id)
+    joined = (join or app.conf.get("orders_saga_join", "chord")) == "chord"
+    if joined and len(steps) > 1:
+        group = group_id(saga_id, stage)
         body = app.signature(
             definition.complete_task,
             args=(str(saga_id),),
             ignore_result=True,
         )
-        body.freeze(complete_task_id(saga_id), group_id=group_id)
-        app.backend.set_chord_size(group_id, len(definition.steps))
-        chord = {"chord": body, "group_id": group_id}
+        body.freeze(complete_task_id(saga_id, stage), group_id=group)
+        app.backend.set_chord_size(group, len(steps))
+        chord = {"chord": body, "group_id": group}
+    kwargs = step_kwargs(definition)
     with app.producer_or_acquire() as producer:
-        for index, step in enumerate(definition.steps):
+        for index, step in enumerate(steps):
             app.send_task(
                 step.task,
                 args=(str(saga_id), dict(payload)),
+                kwargs=kwargs,
                 task_id=step_task_id(saga_id, step.name),
                 ignore_result=True,
                 producer=producer,

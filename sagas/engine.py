@@ -61,38 +61,72 @@ class StepOutcome:
 
 @dataclass(frozen=True)
 class Decision:
-    """The end of a saga: its final state, the steps to compensate, and why."""
+    """What completing the running stage decided: the saga's final state, the steps to
+    compensate, and why; or, with ``next_stage``, that it goes on (state RUNNING)."""
 
     state: SagaState
     compensate: tuple[str, ...] = ()
     reason: str | None = None
+    #: The stage the saga goes on to (every step of the running one applied).
+    next_stage: int | None = None
+
+    @property
+    def advances(self) -> bool:
+        """Whether the saga goes on to its next stage (it is not decided yet)."""
+        return self.next_stage is not None
+
+
+def advance(stage: int) -> Decision:
+    """The decision to go on from ``stage`` to the next."""
+    return Decision(SagaState.RUNNING, next_stage=stage + 1)
+
+
+def reversed_by_stage(definition: SagaDefinition, stage: int) -> list[str]:
+    """The steps of stages ``stage`` down to 0, the latest stage first and each stage's
+    steps in reverse declaration order: the order compensations run in."""
+    return [
+        step.name
+        for done in reversed(definition.stages[: stage + 1])
+        for step in reversed(done.steps)
+    ]
 
 
 def decide(
     definition: SagaDefinition,
     outcomes: Mapping[str, StepOutcome],
     *,
+    stage: int = 0,
     cancel_reason: str | None = None,
 ) -> Decision:
-    """Confirm when every step applied; otherwise compensate the applied ones and cancel
-    with the reason of the first step (in declaration order) that did not apply.
+    """Decide the running ``stage`` once each of its steps has an outcome: when all of
+    them applied, go on to the next stage, or confirm after the last; otherwise cancel
+    with the reason of the first step (in declaration order) that did not apply, and
+    compensate every applied step of this stage and the earlier ones, the latest stage
+    first (within a stage, in reverse declaration order). Later stages never run.
 
     With ``cancel_reason``, cancel whatever the outcomes (compensating every applied
-    step): the saga could not be confirmed, or its earlier cancellation must finish."""
-    missing = [name for name in definition.step_names if name not in outcomes]
+    step, in the same order): the saga could not be confirmed, or its earlier
+    cancellation must finish."""
+    if not 0 <= stage < len(definition.stages):
+        raise ValueError(f"saga {definition.name!r} has no stage {stage}")
+    running = [step.name for step in definition.stages[stage].steps]
+    missing = [name for name in running if name not in outcomes]
     if missing:
         raise ValueError(f"no outcome for steps {missing} of saga {definition.name!r}")
-    statuses = {name: outcomes[name].status for name in definition.step_names}
+    reached = [step.name for done in definition.stages[: stage + 1] for step in done.steps]
+    statuses = {name: outcomes[name].status for name in reached if name in outcomes}
     if any(status is StepStatus.COMPENSATED for status in statuses.values()):
         raise ValueError("a saga with compensated steps was already decided")
-    applied = tuple(name for name, status in statuses.items() if status is StepStatus.APPLIED)
+    applied = tuple(
+        name
+        for name in reversed_by_stage(definition, stage)
+        if statuses.get(name) is StepStatus.APPLIED
+    )
     if cancel_reason is not None:
         return Decision(SagaState.CANCELLED, compensate=applied, reason=cancel_reason)
-    if len(applied) == len(statuses):
+    refused = [name for name in running if statuses[name] is not StepStatus.APPLIED]
+    if not refused:
+        if stage + 1 < len(definition.stages):
+            return advance(stage)
         return Decision(SagaState.CONFIRMED)
-    reason = next(
-        outcomes[name].reason
-        for name, status in statuses.items()
-        if status is not StepStatus.APPLIED
-    )
-    return Decision(SagaState.CANCELLED, compensate=applied, reason=reason)
+    return Decision(SagaState.CANCELLED, compensate=applied, reason=outcomes[refused[0]].reason)

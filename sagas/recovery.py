@@ -6,14 +6,20 @@ or is only late (saga workers stopped for a deploy, or behind a backlog). The sw
 tells the two apart by whether saga workers consume the saga lane and have caught up
 with it (``lane_ready``: then an overdue saga's message is no longer queued):
 
-- every step has an outcome: the join or the completion was lost; complete it now;
-- steps missing, lane ready: the steps' messages are lost; dispatch the saga again
+Each saga is looked at in its running stage (``sagas.stage``), on the definition of its
+name and version (a saga whose version this process lacks is left to one that has it):
+
+- every step of the stage has an outcome: the join or the completion was lost; complete
+  the stage now (which may move the saga on: the next stage is dispatched at once);
+- steps missing, lane ready: the steps' messages are lost; dispatch the stage again
   (idempotent: a step that already ran returns its recorded outcome), and look again
   after a wait that doubles with each redrive, up to a cap;
 - steps missing, lane not ready (no worker, or a backlog): the saga is waiting, not
   lost; look again soon, so that it is redriven within seconds of the lane being ready;
 - the business timeout passed (``timeout`` after acceptance): cancel it, recording the
-  missing steps as ``timed_out``. Nothing else gives up on an order for lack of time;
+  stage's missing steps as ``timed_out`` (a saga whose stage is complete then is not
+  moved on: it is cancelled ``timed_out``, unless the stage was its last). Nothing else
+  gives up on an order for lack of time;
 - ``COMPENSATION_FAILED``: try the compensation again (its own backoff, see
   ``runner.complete``).
 """
@@ -21,9 +27,10 @@ with it (``lane_ready``: then an overdue saga's message is no longer queued):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from uuid import UUID
 
 from celery import Celery
@@ -32,8 +39,10 @@ from sqlalchemy import Engine
 from config import tracing
 from sagas import runner, store
 from sagas.canvas import dispatch_saga
+from sagas.definition import UnknownSagaVersion
 from sagas.engine import TIMED_OUT, SagaState
-from sagas.runner import Completion, SagaHandlers
+from sagas.launch import clear_entries, dispatch_next_stage
+from sagas.runner import Completion, SagaLookup
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +95,7 @@ class SweepReport:
 def sweep_overdue(
     engine: Engine,
     app: Celery,
-    sagas: Mapping[str, SagaHandlers],
+    sagas: SagaLookup,
     policy: RecoveryPolicy,
     *,
     lane_ready: Callable[[], bool] = lambda: True,
@@ -94,7 +103,8 @@ def sweep_overdue(
     on_complete: Callable[[Completion], None] | None = None,
     escalate: runner.Escalate | None = None,
 ) -> SweepReport:
-    """Take up every saga past its deadline; return what was done. ``lane_ready`` says
+    """Take up every saga past its deadline; return what was done. ``sagas``: the
+    handlers by name and version (a ``SagaRegistry``). ``lane_ready`` says
     whether saga workers consume the lane and have caught up (asked once per sweep);
     ``on_complete`` is told of every saga the sweep decided; ``escalate``, of a
     compensation given up to an operator (see ``runner.complete``)."""
@@ -122,7 +132,7 @@ def sweep_overdue(
 def recover(
     engine: Engine,
     app: Celery,
-    sagas: Mapping[str, SagaHandlers],
+    sagas: SagaLookup,
     saga_id: UUID,
     policy: RecoveryPolicy,
     now: datetime,
@@ -131,29 +141,36 @@ def recover(
     escalate: runner.Escalate | None = None,
 ) -> str:
     """Complete, redrive or leave waiting one overdue saga; "skipped" if it is no longer
-    overdue (finished, or another sweeper took it)."""
+    overdue (finished, or another sweeper took it), or if this process does not have
+    its version. A stage completed here that moves the saga on is dispatched at once."""
     with engine.begin() as conn:
         # Committed first, with a short deadline: a crash while recovering still counts,
         # and the saga is looked at again soon. What is done next sets the real one.
         claimed = store.claim_overdue(conn, saga_id, now, now + policy.recheck)
     if claimed is None:
         return "skipped"
-    saga = sagas[claimed.name]
-    missing = [s for s in saga.definition.step_names if s not in claimed.outcomes]
+    try:
+        saga = sagas.get(claimed.name, claimed.version)
+    except UnknownSagaVersion as exc:
+        logger.warning("saga %s overdue, left to a sweeper that has it: %s", saga_id, exc)
+        return "skipped"
+    stage = saga.definition.stages[claimed.stage]
+    missing = [step.name for step in stage.steps if step.name not in claimed.outcomes]
     expires_at = (claimed.created_at or now) + policy.timeout
     if claimed.state is SagaState.RUNNING and missing and now < expires_at:
         if not ready:
             return "waiting"
         with tracing.resumed(claimed.trace_context, "sweeper redrive", saga_id=saga_id):
-            dispatch_saga(app, saga.definition, saga_id, claimed.payload)
+            dispatch_saga(app, saga.definition, saga_id, claimed.payload, stage=claimed.stage)
         redrives = claimed.redrives + 1
         next_look = min(now + policy.redrive_wait(redrives), expires_at)
         with engine.begin() as conn:
             store.count_redrive(conn, saga_id, next_look)
         logger.warning(
-            "saga %s overdue, steps %s missing: dispatched again (redrive %d)",
+            "saga %s overdue, steps %s of stage %d missing: dispatched again (redrive %d)",
             saga_id,
             missing,
+            claimed.stage,
             redrives,
         )
         return "redriven"
@@ -165,7 +182,15 @@ def recover(
             retry_after=policy.compensation_wait,
             abort_missing=TIMED_OUT,
             escalate=escalate,
+            deadline=policy.deadline,
+            expired=TIMED_OUT if now >= expires_at else None,
         )
+        dispatch_next_stage(app, done, partial(_clear, engine))
     if on_complete is not None:
         on_complete(done)
     return "completed"
+
+
+def _clear(engine: Engine, saga_id: UUID, stage: int) -> None:
+    with engine.begin() as conn:
+        clear_entries(conn, [(saga_id, stage)])

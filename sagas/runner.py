@@ -1,9 +1,11 @@
-"""Running a saga's steps and its completion, each exactly once in effect.
+"""Running a saga's steps and its completions, each exactly once in effect.
 
 A step's effect and its ledger row commit in one transaction; a redelivered step finds
 its row, rolls its repeated effect back and returns the recorded outcome, so the chord
-sees the identical result. Completion locks the saga row, decides from the ledger, and
-confirms or compensates in one transaction; a second completion finds the saga final.
+sees the identical result. Completion locks the saga row, decides the running stage
+from the ledger, and moves the saga on to its next stage, confirms it, or compensates
+in one transaction; a second completion of the same stage finds the saga moved on (its
+next stage's steps have no outcome yet: StepsPending) or final.
 A completion that cannot be carried out is never dropped: a failed confirmation turns
 into a cancellation, and a failed compensation leaves the saga COMPENSATION_FAILED,
 with its error, to be tried again.
@@ -25,7 +27,7 @@ from config.database import transaction
 from config.failpoints import failpoint
 from config.faults import is_transient
 from sagas import store
-from sagas.definition import SagaDefinition
+from sagas.definition import SagaDefinition, UnknownSagaVersion
 from sagas.engine import (
     CONFIRMATION_FAILED,
     TERMINAL_STATES,
@@ -64,8 +66,31 @@ class SagaHandlers(Protocol):
         short, stable text fit for clients (the error's class and a fixed sentence)."""
 
 
+class SagaLookup(Protocol):
+    """Finds a saga's handlers by its name and version (``sagas.registry.SagaRegistry``)."""
+
+    def get(self, name: str, version: int = 1) -> SagaHandlers:
+        """The handlers of that saga version; UnknownSagaVersion if not known here."""
+
+
+#: The handlers of one saga, or a lookup that finds them by the saga row's name and
+#: version once the row is locked.
+Sagas = SagaHandlers | SagaLookup
+
+
+def handlers_for(saga: Sagas, locked: LockedSaga) -> SagaHandlers:
+    """The handlers that run this saga row: found by its name and version, or the ones
+    given, which must be of its name and version."""
+    definition = getattr(saga, "definition", None)
+    if not isinstance(definition, SagaDefinition):  # a lookup (its .definition is a method)
+        return saga.get(locked.name, locked.version)  # type: ignore[union-attr]
+    if (definition.name, definition.version) != (locked.name, locked.version):
+        raise UnknownSagaVersion(locked.name, locked.version)
+    return saga  # type: ignore[return-value]
+
+
 class StepsPending(Exception):
-    """The saga cannot be decided yet: some of its steps have no outcome."""
+    """The saga cannot be decided yet: some steps of its running stage have no outcome."""
 
 
 class _AlreadyRecorded(Exception):
@@ -130,7 +155,8 @@ def abort_step(engine: Engine, saga_id: UUID, step: str, reason: str) -> StepOut
 
 @dataclass(frozen=True)
 class Completion:
-    """What completing a saga did: its decision, or None if it was already final."""
+    """What completing a saga's running stage did: its decision (which may be to go on
+    to the next stage), or None if it was already final."""
 
     decision: Decision | None
     #: When the saga was accepted (for its duration), if it was decided now.
@@ -140,6 +166,13 @@ class Completion:
     #: ... and whether it is now left to an operator (no more automatic tries).
     escalated: bool = False
     saga_id: UUID | None = None
+    #: The stage the saga moved on to: the caller dispatches it (``sagas.launch
+    #: .dispatch_next_stage``; its outbox entry covers a dispatch that does not happen).
+    advanced_to: int | None = None
+    #: The definition the saga runs on, and its payload (to dispatch the next stage).
+    definition: SagaDefinition | None = None
+    payload: Mapping[str, Any] | None = None
+    trace_context: str | None = None
 
 
 #: Given how many times a compensation has failed, how long to wait before the next
@@ -147,6 +180,9 @@ class Completion:
 RetryAfter = Callable[[int], timedelta | None]
 #: A deadline no sweeper reaches: the saga waits for an operator.
 NEVER = datetime(9999, 1, 1, tzinfo=UTC)
+#: How long after moving on to its next stage a saga is looked at by the sweeper, unless
+#: the caller says (``complete(deadline=...)``: the recovery policy's deadline).
+STAGE_DEADLINE = timedelta(seconds=30)
 #: Told, inside the transaction that gives a compensation up to an operator, of the
 #: saga, how many times it failed and the last problem: what it writes commits with it.
 Escalate = Callable[[Connection, UUID, int, str], None]
@@ -159,25 +195,44 @@ COMPENSATION_LEFT = "the compensation failed; an operator has been alerted"
 
 def complete(
     engine: Engine,
-    saga: SagaHandlers,
+    saga: Sagas,
     saga_id: UUID,
     *,
     retry_after: RetryAfter,
     abort_missing: str | None = None,
     running_only: bool = False,
     escalate: Escalate | None = None,
+    deadline: timedelta = STAGE_DEADLINE,
+    expired: str | None = None,
 ) -> Completion:
-    """Confirm the saga, or compensate its applied steps and cancel it. Idempotent.
+    """Decide the saga's running stage: move on to the next stage, confirm the saga
+    after its last, or compensate its applied steps and cancel it. Idempotent.
 
-    Steps with no outcome raise StepsPending, unless ``abort_missing`` names the reason
-    to record them as aborted with. Transient database errors propagate (retry later).
+    ``saga``: the saga's handlers, or a lookup (``SagaRegistry``) that finds them by the
+    row's name and version (UnknownSagaVersion if this process lacks them). Moving on
+    sets the saga's stage, its deadline (``deadline`` from now) and an outbox entry in
+    the decision's transaction; the caller dispatches the stage (``Completion
+    .advanced_to``). ``expired`` (the business timeout passed) cancels with that reason
+    instead of moving on.
+
+    Steps of the running stage with no outcome raise StepsPending, unless
+    ``abort_missing`` names the reason to record them as aborted with. Transient
+    database errors propagate (retry later).
     A compensation that fails leaves the saga COMPENSATION_FAILED, to be tried again
     by the sweeper after ``retry_after(failures so far)``, or, when that is None, left
     to an operator (``Completion.escalated``, and ``escalate`` in that transaction);
     ``running_only`` leaves such a saga
     alone (a step's completion attempt does not retry a compensation early)."""
     try:
-        return _complete_once(engine, saga, saga_id, abort_missing, running_only=running_only)
+        return _complete_once(
+            engine,
+            saga,
+            saga_id,
+            abort_missing,
+            running_only=running_only,
+            deadline=deadline,
+            expired=expired,
+        )
     except _DecisionFailed as failed:
         failure = failed
     if failure.decision.state is SagaState.CONFIRMED:
@@ -197,7 +252,7 @@ Within = Callable[[Connection], None]
 
 def cancel(
     engine: Engine,
-    saga: SagaHandlers,
+    saga: Sagas,
     saga_id: UUID,
     reason: str,
     *,
@@ -205,9 +260,10 @@ def cancel(
     within: Within | None = None,
     escalate: Escalate | None = None,
 ) -> Completion:
-    """Cancel a running saga on request: its steps without an outcome are recorded
-    ABORTED with ``reason`` (a step committing meanwhile is waited for, and its outcome
-    stands), its applied steps are compensated, and it ends CANCELLED with ``reason``.
+    """Cancel a running saga on request: the steps of its running stage without an
+    outcome are recorded ABORTED with ``reason`` (a step committing meanwhile is waited
+    for, and its outcome stands), its applied steps are compensated, latest stage
+    first, and it ends CANCELLED with ``reason``.
 
     The saga's lock decides against its own completion: a saga decided first (or whose
     compensation failed earlier: its cancellation is under way) is left alone and
@@ -226,12 +282,14 @@ def cancel(
 
 def _complete_once(
     engine: Engine,
-    saga: SagaHandlers,
+    saga: Sagas,
     saga_id: UUID,
     abort_missing: str | None,
     cancel_reason: str | None = None,
     running_only: bool = False,
     within: Within | None = None,
+    deadline: timedelta = STAGE_DEADLINE,
+    expired: str | None = None,
 ) -> Completion:
     with transaction(engine) as conn:
         locked = store.lock_saga(conn, saga_id)
@@ -244,27 +302,72 @@ def _complete_once(
             return Completion(None)
         if locked.state is SagaState.COMPENSATION_FAILED:
             cancel_reason = locked.reason  # finish the cancellation that was decided
+        handlers = handlers_for(saga, locked)
+        definition = handlers.definition
         if within is not None:
             within(conn)
-        outcomes = _outcomes(conn, saga.definition, locked, abort_missing)
-        decision = decide(saga.definition, outcomes, cancel_reason=cancel_reason)
-        try:
-            _carry_out(conn, saga, locked, decision)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            logger.exception("saga %s: %s failed", saga_id, decision.state)
-            raise _DecisionFailed(decision) from exc
-        failpoint("complete.before_commit", saga.definition.name)
-    failpoint("complete.after_commit", saga.definition.name)
+        outcomes = _outcomes(conn, definition, locked, abort_missing)
+        stage = locked.stage
+        decision = decide(definition, outcomes, stage=stage, cancel_reason=cancel_reason)
+        if decision.advances and expired is not None:
+            decision = decide(definition, outcomes, stage=stage, cancel_reason=expired)
+        if decision.advances:
+            moved_on = _advance(conn, definition, locked, decision, deadline)
+            failpoint("advance.before_commit", definition.name)
+        else:
+            _decide_in(conn, handlers, locked, decision)
+            failpoint("complete.before_commit", definition.name)
+    if decision.advances:
+        failpoint("advance.after_commit", definition.name)
+        logger.info("saga %s moved on to stage %s", saga_id, decision.next_stage)
+        return moved_on
+    failpoint("complete.after_commit", definition.name)
     logger.info("saga %s %s %s", saga_id, decision.state, decision.reason or "")
     return Completion(decision, locked.created_at)
+
+
+def _decide_in(
+    conn: Connection, handlers: SagaHandlers, locked: LockedSaga, decision: Decision
+) -> None:
+    """Carry a final decision out; a failure that is not transient is _DecisionFailed."""
+    try:
+        _carry_out(conn, handlers, locked, decision)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        logger.exception("saga %s: %s failed", locked.saga_id, decision.state)
+        raise _DecisionFailed(decision) from exc
+
+
+def _advance(
+    conn: Connection,
+    definition: SagaDefinition,
+    locked: LockedSaga,
+    decision: Decision,
+    deadline: timedelta,
+) -> Completion:
+    """Move the saga on to its next stage, in the caller's transaction."""
+    assert decision.next_stage is not None
+    now = datetime.now(UTC)
+    store.advance_saga(
+        conn, locked.saga_id, decision.next_stage, now=now, deadline_at=now + deadline
+    )
+    return Completion(
+        decision,
+        locked.created_at,
+        saga_id=locked.saga_id,
+        advanced_to=decision.next_stage,
+        definition=definition,
+        payload=locked.payload,
+        trace_context=locked.trace_context,
+    )
 
 
 def _outcomes(
     conn: Connection, definition: SagaDefinition, locked: LockedSaga, abort_missing: str | None
 ) -> Mapping[str, StepOutcome]:
-    missing = [step for step in definition.step_names if step not in locked.outcomes]
+    running = definition.stages[locked.stage].steps
+    missing = [step.name for step in running if step.name not in locked.outcomes]
     if not missing:
         return locked.outcomes
     if abort_missing is None:
@@ -294,7 +397,7 @@ def _carry_out(
 
 def _record_compensation_failure(
     engine: Engine,
-    saga: SagaHandlers,
+    saga: Sagas,
     saga_id: UUID,
     failure: _DecisionFailed,
     retry_after: RetryAfter,
@@ -318,7 +421,7 @@ def _record_compensation_failure(
         retry_at = NEVER if wait is None else datetime.now(UTC) + wait
         store.mark_compensation_failed(conn, saga_id, reason, problem, retry_at, attempts)
         summary = f"{kind}: {COMPENSATION_LEFT if wait is None else COMPENSATION_RETRIED}"
-        saga.compensation_failed(conn, locked.payload, reason, summary)
+        handlers_for(saga, locked).compensation_failed(conn, locked.payload, reason, summary)
         if wait is None and escalate is not None:
             escalate(conn, saga_id, attempts, problem)
     if wait is None:
@@ -342,12 +445,13 @@ def _record_compensation_failure(
 
 class RunningSagaCanceller:
     """The API's ``SagaCanceller``: cancels a running saga in the request (see
-    ``runner.cancel``); a compensation that fails is left to the sweeper, as any."""
+    ``runner.cancel``; ``saga``: its handlers, or a registry that finds them by the
+    saga's name and version); a compensation that fails is left to the sweeper, as any."""
 
     def __init__(
         self,
         engine: Engine,
-        saga: SagaHandlers,
+        saga: Sagas,
         retry_after: RetryAfter,
         escalate: Escalate | None = None,
     ) -> None:

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, bindparam, case, insert, literal, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -33,6 +33,9 @@ class LockedSaga:
     recovery_attempts: int = 0
     #: The W3C traceparent stored with the saga (config.tracing), if any.
     trace_context: str | None = None
+    #: The definition version it runs on, and the index of its running stage.
+    version: int = 1
+    stage: int = 0
 
 
 _s, _st = sagas.c, saga_steps.c
@@ -45,6 +48,7 @@ _CREATE = insert(outbox).from_select(
         .values(
             id=bindparam("saga_id"),
             name=bindparam("name"),
+            version=bindparam("version"),
             state=SagaState.RUNNING.value,
             payload=bindparam("payload", type_=JSONB),
             deadline_at=bindparam("deadline_at"),
@@ -84,12 +88,15 @@ _REDELIVERED = (
 _LOCK = (
     select(
         _s.name,
+        _s.version,
+        _s.stage,
         _s.state,
         _s.reason,
         _s.payload,
         _s.redrives,
         _s.created_at,
         _s.recovery_attempts,
+        _s.trace_context,
         _st.step,
         _st.status,
         _st.reason.label("step_reason"),
@@ -121,14 +128,17 @@ def create_saga(
     now: datetime,
     deadline_at: datetime,
     trace_context: str | None = None,
+    version: int = 1,
 ) -> None:
-    """Record a new running saga and its outbox entry (``trace_context``: the W3C
-    traceparent its later dispatches join, if traces are on)."""
+    """Record a new running saga of that definition version, at its first stage, and
+    its outbox entry (``trace_context``: the W3C traceparent its later dispatches join,
+    if traces are on)."""
     conn.execute(
         _CREATE,
         {
             "saga_id": saga_id,
             "name": name,
+            "version": version,
             "payload": dict(payload),
             "deadline_at": deadline_at,
             "now": now,
@@ -198,6 +208,9 @@ def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
         first.redrives,
         first.created_at,
         first.recovery_attempts,
+        first.trace_context,
+        version=first.version,
+        stage=first.stage,
     )
 
 
@@ -254,6 +267,8 @@ def claim_overdue(
             sagas.c.created_at,
             sagas.c.recovery_attempts,
             sagas.c.trace_context,
+            sagas.c.version,
+            sagas.c.stage,
         )
     ).first()
     if claimed is None:
@@ -269,7 +284,32 @@ def claim_overdue(
         claimed.created_at,
         claimed.recovery_attempts,
         claimed.trace_context,
+        claimed.version,
+        claimed.stage,
     )
+
+
+def advance_saga(
+    conn: Connection, saga_id: UUID, stage: int, *, now: datetime, deadline_at: datetime
+) -> None:
+    """Move a running saga on to ``stage``, to be looked at by ``deadline_at``, with an
+    outbox entry (due now) so that the relay dispatches the stage if nobody else does."""
+    conn.execute(
+        update(sagas)
+        .where(sagas.c.id == saga_id)
+        .where(sagas.c.state == SagaState.RUNNING)
+        .values(stage=stage, deadline_at=deadline_at)
+    )
+    conn.execute(
+        pg_insert(outbox)
+        .values(saga_id=saga_id, created_at=now)
+        .on_conflict_do_update(index_elements=[outbox.c.saga_id], set_={"created_at": now})
+    )
+
+
+def clear_outbox(conn: Connection, saga_ids: Iterable[UUID]) -> None:
+    """Remove the outbox entries of these sagas (their running stage was dispatched)."""
+    conn.execute(delete(outbox).where(outbox.c.saga_id.in_(list(saga_ids))))
 
 
 def count_redrive(conn: Connection, saga_id: UUID, next_deadline: datetime) -> None:

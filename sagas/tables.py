@@ -29,6 +29,10 @@ sagas = Table(
     Column("id", Uuid, primary_key=True),
     #: Which saga definition this instance runs (e.g. "order").
     Column("name", String(64), nullable=False),
+    #: The definition's version the saga started on (and runs to its end on).
+    Column("version", Integer, nullable=False, server_default="1"),
+    #: The stage running now (0-based): the one whose steps are dispatched and awaited.
+    Column("stage", Integer, nullable=False, server_default="0"),
     Column("state", String(32), nullable=False),
     #: The saga's input: primitives only (ids, decimal strings, quantities).
     Column("payload", JSONB, nullable=False),
@@ -37,7 +41,7 @@ sagas = Table(
     Column("error", Text),
     #: When the sweeper next looks at the saga if it is still not final.
     Column("deadline_at", DateTime(timezone=True), nullable=False),
-    #: How many times the sweeper dispatched the saga's chord again.
+    #: How many times the sweeper dispatched the saga's running stage again.
     Column("redrives", Integer, nullable=False, server_default="0"),
     #: How many times the sweeper took the saga up.
     Column("recovery_attempts", Integer, nullable=False, server_default="0"),
@@ -85,8 +89,10 @@ saga_steps = Table(
     ),
 )
 
-#: Sagas accepted but not yet handed to the broker. The API deletes its row right after
-#: dispatching; the relay dispatches whatever is left (broker down, API crashed).
+#: Sagas accepted, or moved on to their next stage, whose running stage is not yet
+#: handed to the broker. Who dispatches (the API, the completion that advanced the saga)
+#: deletes the row right after; the relay dispatches whatever is left (broker down, a
+#: process crashed).
 outbox = Table(
     "outbox",
     metadata,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -12,7 +11,7 @@ from sqlalchemy import Engine
 
 from config.settings import Settings
 from orders.errors import OperationRefusedError, OperationTargetNotFoundError
-from sagas.definition import SagaDefinition
+from sagas.registry import SagaRegistry
 from workers import batch, dlq
 
 
@@ -24,11 +23,13 @@ class Operations:
         engine: Engine,
         app: Celery,
         settings: Settings,
-        definitions: Mapping[str, SagaDefinition],
+        definitions: SagaRegistry,
     ) -> None:
         self.engine = engine
         self.app = app
         self.settings = settings
+        #: The sagas by name and version: replaying a step's letter dispatches its
+        #: saga's running stage on the saga's own version.
         self.definitions = definitions
 
     def dead_letters(

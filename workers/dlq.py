@@ -7,8 +7,11 @@ their arguments, error and attempts for an operator to list, show, replay or pur
     python -m workers.dlq purge ID [ID...]
 
 Replaying sends the task again with the same arguments to the same lane; replaying a
-step of a saga dispatches the whole saga again, which resumes it (its steps are
-idempotent) or lets it be compensated.
+step of a saga dispatches the saga's running stage again, on the definition of the
+saga's name and version, which resumes it (its steps are idempotent) or lets it be
+compensated. A step whose saga version the worker did not have (``failed``, with the
+error ``UnknownSagaVersion: saga 'trip' version 2 is not deployed on this worker ...``)
+recorded no outcome: once a worker that has the version runs, replaying it runs it.
 
 Each letter has a kind. A task that gave up (workers.base) leaves one of:
 
@@ -54,7 +57,7 @@ import math
 import re
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -67,7 +70,8 @@ from sqlalchemy.dialects.postgresql import insert
 from orders import webhook_deliveries
 from orders.tables import webhook_deliveries as webhook_table
 from sagas.canvas import dispatch_saga
-from sagas.definition import SagaDefinition
+from sagas.definition import UnknownSagaVersion
+from sagas.registry import SagaRegistry
 from sagas.tables import sagas
 from workers.tables import dead_letters
 
@@ -307,14 +311,16 @@ def replay(
     engine: Engine,
     app: Celery,
     letter_ids: Sequence[int],
-    definitions: Mapping[str, SagaDefinition],
+    definitions: SagaRegistry,
 ) -> dict[int, str]:
     """Run the letters' tasks again; return each letter's new task id. A saga step
-    dispatches its saga again (when the saga is not over yet); a compensation given up
+    dispatches its saga's running stage again (when the saga is not over yet), on the
+    definition of the saga's name and version in ``definitions`` (refused with
+    UnknownSagaVersion's message if it has not that version); a compensation given up
     is handed back to the sweeper ("sweep:<saga id>"). Letters are marked
     REPLAYED. Every letter is checked first: one that cannot be replayed refuses the
     whole request (UnknownLetterError or DeadLetterError) and nothing is replayed."""
-    step_tasks = {step.task: d for d in definitions.values() for step in d.steps}
+    step_tasks = {step.task: d for d in definitions.definitions() for step in d.steps}
     wanted = list(dict.fromkeys(letter_ids))
     with engine.connect() as conn:
         rows = {row.id: row for row in conn.execute(select(dead_letters).where(_d.id.in_(wanted)))}
@@ -368,7 +374,7 @@ def replay(
             elif row.kind == COMPENSATION_FAILED:
                 new_id = _rearm_compensation(conn, row.args[1])
             elif row.task_name in step_tasks:
-                new_id = _redispatch_saga(conn, app, step_tasks[row.task_name], row.args[0])
+                new_id = _redispatch_saga(conn, app, definitions, row.args[0])
             else:
                 new_id = str(uuid.uuid4())
                 app.send_task(
@@ -418,11 +424,20 @@ def _rearm_compensation(conn: Connection, saga_id: str) -> str:
     return f"sweep:{saga_id}"
 
 
-def _redispatch_saga(conn: Any, app: Celery, definition: SagaDefinition, saga_id: str) -> str:
-    payload = conn.execute(select(sagas.c.payload).where(sagas.c.id == UUID(saga_id))).scalar()
-    if payload is None:
+def _redispatch_saga(conn: Any, app: Celery, definitions: SagaRegistry, saga_id: str) -> str:
+    """Dispatch the saga's running stage, on its own version."""
+    saga = conn.execute(
+        select(sagas.c.name, sagas.c.version, sagas.c.stage, sagas.c.payload).where(
+            sagas.c.id == UUID(saga_id)
+        )
+    ).first()
+    if saga is None:
         raise DeadLetterError(f"saga {saga_id} of this step does not exist")
-    dispatch_saga(app, definition, UUID(saga_id), payload)
+    try:
+        definition = definitions.definition(saga.name, saga.version)
+    except UnknownSagaVersion as exc:
+        raise DeadLetterError(str(exc).replace("on this worker", "here")) from exc
+    dispatch_saga(app, definition, UUID(saga_id), saga.payload, stage=saga.stage)
     return f"saga:{saga_id}"
 
 
@@ -452,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     ``.run/env`` of ``make run``; what is missing is said plainly, exit status 1)."""
     from config.cli import ToolSettings
     from config.database import make_engine
-    from orders.saga import DEFINITIONS
     from workers.celery_app import create_celery
+    from workers.runtime import saga_registry
 
     parser = argparse.ArgumentParser(prog="python -m workers.dlq", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -503,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             if not ids:
                 parser.error("name the letters to replay, or --all with filters")
             app = create_celery(settings, publisher=True)
-            for letter_id, task_id in replay(engine, app, ids, DEFINITIONS).items():
+            for letter_id, task_id in replay(engine, app, ids, saga_registry(settings)).items():
                 print(f"{letter_id} replayed as {task_id}")
         elif args.command == "purge":
             print(f"{purge(engine, args.ids)} purged")

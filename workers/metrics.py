@@ -171,8 +171,9 @@ def serve(settings: Settings, engine: Engine) -> None:
 
 
 def record_completion(completion: Completion) -> None:
-    """Count a decided saga and how long it took from acceptance."""
-    if completion.decision is None:
+    """Count a decided saga and how long it took from acceptance (not a saga that only
+    moved on to its next stage)."""
+    if completion.decision is None or completion.decision.advances:
         return
     state = completion.decision.state.value
     SAGAS_FINISHED.labels(state).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -15,10 +16,12 @@ from config.settings import Settings
 from orders.cache import CREDIT, Caches
 from orders.credit import CreditFigures
 from orders.projections import credit_entry
-from orders.refund_saga import REFUND_SAGA, RefundSaga
-from orders.saga import ORDER_SAGA, OrderSaga
+from orders.refund_saga import REFUND_SAGA
+from orders.saga import ORDER_SAGA, order_sagas
+from sagas.launch import OutboxClearer
 from sagas.recovery import RecoveryPolicy
-from sagas.runner import SagaHandlers
+from sagas.registry import SagaRegistry
+from workers.escalation import escalation
 
 #: How long the count of one message's deliveries is kept.
 DELIVERY_COUNT_TTL = int(timedelta(days=1).total_seconds())
@@ -37,6 +40,20 @@ def recovery_policy(settings: Settings) -> RecoveryPolicy:
     )
 
 
+def saga_registry(
+    settings: Settings, on_credit: Callable[[CreditFigures], None] | None = None
+) -> SagaRegistry:
+    """Every saga this deployment runs, by name and version: the order domain's (their
+    credit changes told to ``on_credit``), and with ``TEST_TASKS`` the test-only trip
+    (its versions from ``TEST_SAGA_VERSIONS``)."""
+    registry = order_sagas(on_credit)
+    if settings.test_tasks:
+        from workers.testing_sagas import register_trip
+
+        register_trip(registry)
+    return registry
+
+
 class Runtime:
     """Per-process resources, created on first use in the process that uses them.
 
@@ -45,14 +62,14 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.order_saga = OrderSaga(on_credit=self._credit_changed)
-        self.refund_saga = RefundSaga(on_credit=self._credit_changed)
-        #: Every saga's handlers by the saga's name (the sweeper's, the tasks').
-        self.sagas: dict[str, SagaHandlers] = {
-            ORDER_SAGA.name: self.order_saga,
-            REFUND_SAGA.name: self.refund_saga,
-        }
+        #: Every saga's handlers by name and version (the tasks', the sweeper's).
+        self.sagas = saga_registry(settings, on_credit=self._credit_changed)
+        self.order_saga = self.sagas.get(ORDER_SAGA.name, ORDER_SAGA.version)
+        self.refund_saga = self.sagas.get(REFUND_SAGA.name, REFUND_SAGA.version)
         self.recovery = recovery_policy(settings)
+        #: A compensation given up to an operator: its dead letter (workers.escalation).
+        self.escalate = escalation(self.sagas)
+        self._clearer: OutboxClearer | None = None
         self._engine: Engine | None = None
         self._redis: Redis | None = None
         self._caches: Caches | None = None
@@ -84,6 +101,14 @@ class Runtime:
         caches = self.caches
         if caches is not None:
             caches.put(CREDIT, {figures.customer_id: credit_entry(figures)})
+
+    @property
+    def outbox_clearer(self) -> OutboxClearer:
+        """Clears the outbox entries of the stages this process dispatched, in batches."""
+        self._fresh()
+        if self._clearer is None or self._clearer.engine is not self._engine:
+            self._clearer = OutboxClearer(self.engine)
+        return self._clearer
 
     @property
     def engine(self) -> Engine:

@@ -4,6 +4,13 @@ The retry and dead-letter policy is the base class's (workers.base). A saga step
 fails its chord when it can help it: when it gives up, it records itself ABORTED, so the
 chord's completion still runs and compensates. Only when even that cannot be written
 (the database is down) does the step fail; the deadline sweeper then finishes the saga.
+
+Sagas come from the runtime's registry (``Runtime.sagas``): one task per step task name
+(the versions of a saga may share it) and one completion task per saga name. A step's
+message names its version (none: version 1); a version this worker does not have makes
+the message a dead letter at once, its step left without an outcome, for a worker that
+has it to run after a replay. A completion that moves the saga on to its next stage
+dispatches that stage after its commit.
 """
 
 from __future__ import annotations
@@ -21,16 +28,15 @@ from config import names
 from config.schedules import window_key
 from orders.events import check_all
 from orders.projections import event_consumers
-from orders.saga import DEFINITIONS
 from sagas import runner
 from sagas.canvas import complete_task_id
+from sagas.definition import Step
 from sagas.engine import STEP_FAILED
-from sagas.launch import relay_outbox
+from sagas.launch import dispatch_next_stage, relay_outbox
 from sagas.recovery import sweep_overdue
-from sagas.runner import SagaHandlers
+from sagas.runner import Completion, SagaHandlers
 from workers import batch, liveness, retention
 from workers.base import PoisonMessageError, PolicyTask, briefly_retried, policy
-from workers.escalation import escalate_compensation
 from workers.metrics import HOUSEKEEPING_RUNS, STEP_DURATION, record_completion
 from workers.runtime import Runtime
 
@@ -45,27 +51,16 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     base = policy(runtime)
     housekeeping = _housekeeping(base)
     sagas = runtime.sagas
-    for saga in sagas.values():
-        for step in saga.definition.steps:
-            _register_step(app, runtime, base, saga, step.name, step.task)
-
-    @app.task(shared=False, name=names.COMPLETE_ORDER, base=base, swept=True)
-    def complete_order(results: list[dict[str, Any]], saga_id: str) -> None:
-        """Chord body (or, with the database join, a step's completion that failed in
-        the step): confirm the order, or compensate and cancel it (from the ledger)."""
-        _complete_sent(runtime, runtime.order_saga, saga_id)
-
-    @app.task(shared=False, name=names.COMPLETE_REFUND, base=base, swept=True)
-    def complete_refund(results: list[dict[str, Any]], saga_id: str) -> None:
-        """Chord body of the refund saga (or a step's completion sent on its own): mark
-        the order refunded, or take back what was returned (from the ledger)."""
-        _complete_sent(runtime, runtime.refund_saga, saga_id)
+    for task in sagas.step_tasks():
+        _register_step(app, runtime, base, task)
+    for name in sagas.names():
+        _register_completion(app, runtime, base, sagas.latest(name).definition.complete_task)
 
     @app.task(shared=False, name=names.RELAY_OUTBOX, base=housekeeping)
     def relay() -> int:
-        """Dispatch the sagas whose fast-path dispatch did not happen."""
+        """Dispatch the sagas (or their next stages) whose dispatch did not happen."""
         grace = timedelta(seconds=runtime.settings.outbox_grace_seconds)
-        return relay_outbox(runtime.engine, app, DEFINITIONS, grace=grace)
+        return relay_outbox(runtime.engine, app, sagas, grace=grace)
 
     @app.task(shared=False, name=names.SWEEP_SAGAS, base=housekeeping)
     def sweep() -> dict[str, int]:
@@ -77,7 +72,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             runtime.recovery,
             lane_ready=lambda: _caught_up(runtime, runtime.settings.saga_queue),
             on_complete=record_completion,
-            escalate=escalate_compensation,
+            escalate=runtime.escalate,
         )
         return vars(report)
 
@@ -127,31 +122,49 @@ def _housekeeping(base: type[PolicyTask]) -> type[PolicyTask]:
     return HousekeepingTask
 
 
-def _complete_sent(runtime: Runtime, saga: SagaHandlers, saga_id: str) -> None:
-    """A completion task: complete the saga unless a step is still running."""
-    try:
-        _complete(runtime, saga, UUID(saga_id))
-    except runner.StepsPending:
-        # Sent on its own while another step had not committed: that step completes
-        # the saga when it does (or the sweeper, if it never does).
-        logger.info("saga %s: a step is still running; it completes the saga", saga_id)
+def _register_completion(app: Celery, runtime: Runtime, base: type[PolicyTask], name: str) -> None:
+    """The completion task of one saga name (all its versions: the saga's row says which
+    one it runs on): the chord body of each stage, or a step's completion sent on its
+    own. It decides the running stage from the ledger: moves the saga on to its next
+    stage (and dispatches it), confirms it, or compensates and cancels it."""
+
+    def complete(results: list[dict[str, Any]], saga_id: str) -> None:
+        try:
+            _complete(app, runtime, UUID(saga_id))
+        except runner.StepsPending:
+            # Sent on its own while another step had not committed (that step completes
+            # the stage when it does, or the sweeper if it never does), or a duplicate
+            # of an earlier stage's completion (the saga has moved on): nothing to do.
+            logger.info("saga %s: its running stage has steps without an outcome", saga_id)
+
+    complete.__name__ = complete.__qualname__ = name.rpartition(".")[2] or "complete"
+    complete.__doc__ = f"The completion of each stage of the sagas completed by {name!r}."
+    app.task(shared=False, name=name, base=base, swept=True)(complete)
 
 
-def _complete(
-    runtime: Runtime, saga: SagaHandlers, saga_id: UUID, *, running_only: bool = False
-) -> None:
-    """Complete the saga (see ``runner.complete``) and count what was decided."""
+def _complete(app: Celery, runtime: Runtime, saga_id: UUID, *, running_only: bool = False) -> None:
+    """Complete the saga's running stage (see ``runner.complete``; its handlers by the
+    saga row's name and version), count what was decided, and dispatch the next stage
+    if the saga moved on to one."""
     done = briefly_retried(
         lambda: runner.complete(
             runtime.engine,
-            saga,
+            runtime.sagas,
             saga_id,
             retry_after=runtime.recovery.compensation_wait,
             running_only=running_only,
-            escalate=escalate_compensation,
+            escalate=runtime.escalate,
+            deadline=runtime.recovery.deadline,
         )
     )
+    _carry_on(app, runtime, done)
+
+
+def _carry_on(app: Celery, runtime: Runtime, done: Completion) -> None:
+    """Count a decided saga; publish the stage a saga moved on to (its outbox entry
+    covers a publish that fails)."""
     record_completion(done)
+    dispatch_next_stage(app, done, runtime.outbox_clearer.add)
 
 
 def _caught_up(runtime: Runtime, queue: str) -> bool:
@@ -231,39 +244,41 @@ def _register_test_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) 
             pass
 
 
-def _register_step(
-    app: Celery,
-    runtime: Runtime,
-    base: type[PolicyTask],
-    saga: SagaHandlers,
-    step: str,
-    name: str,
-) -> None:
-    """A saga step, taking effect once per saga. When it gives up (retries used up, an
-    unexpected error, a poison message) it records the step as aborted and returns that
-    outcome, so the saga's completion still compensates.
+def _register_step(app: Celery, runtime: Runtime, base: type[PolicyTask], task_name: str) -> None:
+    """A saga step's task, taking effect once per saga. Its message's ``version`` (none:
+    1) picks the saga version's handlers and step; a version not deployed here raises
+    UnknownSagaVersion, which the policy turns into a dead letter at once, the step left
+    without an outcome. When the step gives up otherwise (retries used up, an unexpected
+    error, a poison message) it records the step as aborted and returns that outcome,
+    so the saga's completion still compensates.
 
-    Sent in a chord, it returns its outcome to the chord, whose body completes the saga.
-    Sent alone (``SAGA_JOIN=database``), it completes the saga itself once its outcome
-    has committed, if every step has one by then: of two steps finishing together, the
-    later commit sees both outcomes (the sweeper covers a step that died in between)."""
+    Sent in a chord, it returns its outcome to the chord, whose body completes the
+    stage. Sent alone (``SAGA_JOIN=database``, or a stage of one step), it completes
+    the stage itself once its outcome has committed, if every step of the stage has one
+    by then: of two steps finishing together, the later commit sees both outcomes (the
+    sweeper covers a step that died in between)."""
+    sagas = runtime.sagas
 
-    def join(task: Task, saga_id: UUID) -> None:
+    def resolve(kwargs: dict[str, Any]) -> tuple[SagaHandlers, Step]:
+        return sagas.step(task_name, _version(kwargs.get("version")))
+
+    def join(task: Task, saga_id: UUID, definition_stage: tuple[str, int]) -> None:
         if task.request.chord:
-            return  # the chord's body completes the saga
+            return  # the chord's body completes the stage
         try:
-            _complete(runtime, saga, saga_id, running_only=True)
+            _complete(app, runtime, saga_id, running_only=True)
         except runner.StepsPending:
-            return  # the last step to finish completes it
+            return  # the last step of the stage to finish completes it
         except Exception as exc:
             # The step is done; its completion goes on as a task of its own (its own
             # retries and dead letter), or, without a broker, to the sweeper.
+            complete_task, stage = definition_stage
             logger.warning("saga %s: completion failed, sent on its own: %r", saga_id, exc)
             try:
                 app.send_task(
-                    saga.definition.complete_task,
+                    complete_task,
                     args=([], str(saga_id)),
-                    task_id=complete_task_id(saga_id),
+                    task_id=complete_task_id(saga_id, stage),
                     ignore_result=True,
                 )
             except Exception:
@@ -274,37 +289,59 @@ def _register_step(
         swept = True
 
         def fallback(self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> Any:
+            try:
+                saga, step = resolve(kwargs)
+                saga_id = UUID(args[0])
+            except (LookupError, TypeError, ValueError, IndexError):
+                # Not a version deployed here (UnknownSagaVersion), or not a message this
+                # task can read: its dead letter is all there is; no outcome is recorded,
+                # so that a worker that has the version runs the step after a replay.
+                return None
             reason = POISON_MESSAGE if isinstance(exc, PoisonMessageError) else STEP_FAILED
-            saga_id = UUID(args[0])
             outcome = briefly_retried(
-                lambda: runner.abort_step(runtime.engine, saga_id, step, reason)
+                lambda: runner.abort_step(runtime.engine, saga_id, step.name, reason)
             )
             if reason != POISON_MESSAGE:
                 # A message that keeps killing its worker may do so in the completion:
                 # that saga is left to the sweeper.
-                join(self, saga_id)
+                definition = saga.definition
+                join(self, saga_id, (definition.complete_task, definition.stage_of(step.name)))
             return outcome.to_message()
 
-    def run_step(self: Task, saga_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def run_step(
+        self: Task, saga_id: str, payload: dict[str, Any], version: int = 1
+    ) -> dict[str, Any]:
+        saga, step = resolve({"version": version})
         started = time.perf_counter()
         outcome = briefly_retried(
             lambda: runner.run_step(
                 runtime.engine,
                 saga,
                 UUID(saga_id),
-                step,
+                step.name,
                 payload,
                 attempt=self.request.retries + 1,
                 delay=runtime.settings.step_delay_seconds,
             )
         )
-        STEP_DURATION.labels(step).observe(time.perf_counter() - started)
-        join(self, UUID(saga_id))
+        STEP_DURATION.labels(step.name).observe(time.perf_counter() - started)
+        definition = saga.definition
+        join(self, UUID(saga_id), (definition.complete_task, definition.stage_of(step.name)))
         return outcome.to_message()
 
-    run_step.__name__ = run_step.__qualname__ = step
-    run_step.__doc__ = f"The saga step {step!r}, once per saga."
-    app.task(shared=False, name=name, base=StepTask, bind=True)(run_step)
+    label = task_name.rpartition(".")[2] or task_name
+    run_step.__name__ = run_step.__qualname__ = label
+    run_step.__doc__ = f"The saga step run by {task_name!r}, once per saga."
+    app.task(shared=False, name=task_name, base=StepTask, bind=True)(run_step)
+
+
+def _version(given: Any) -> int:
+    """A step message's version: none means 1; anything but a whole number is refused."""
+    if given is None:
+        return 1
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise TypeError(f"a saga version is a whole number, not {given!r}")
+    return given
 
 
 def _register_bench_tasks(app: Celery, runtime: Runtime, base: type[PolicyTask]) -> None:

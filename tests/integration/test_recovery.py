@@ -26,6 +26,7 @@ from orders.tables import order_events, orders
 from sagas import runner
 from sagas.engine import SagaState, StepStatus
 from sagas.recovery import RecoveryPolicy, sweep_overdue
+from sagas.registry import SagaRegistry
 from sagas.store import record_step
 from sagas.tables import saga_steps, sagas
 from tests.fakes import RecordingLauncher
@@ -43,6 +44,7 @@ POLICY = RecoveryPolicy(
     compensation_max_attempts=3,
 )
 RETRY = POLICY.compensation_wait
+SAGAS = SagaRegistry([SAGA])
 
 
 @pytest.fixture
@@ -186,7 +188,7 @@ def test_the_sweeper_redrives_a_lost_saga_waiting_longer_each_time(
     run(engine, order, RESERVE_STOCK)  # the credit step was lost with its message
     overdue(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+    report = sweep_overdue(engine, publisher, SAGAS, POLICY)
     assert (report.redriven, report.completed) == (1, 0)
     assert redis.llen(names.SAGA_QUEUE) == 2  # the chord, sent again
     row = saga_row(engine, order["saga_id"])
@@ -195,7 +197,7 @@ def test_the_sweeper_redrives_a_lost_saga_waiting_longer_each_time(
 
     for redrives, wait in ((2, 100), (3, 100)):  # lost again: still redriven, capped wait
         overdue(engine, order["saga_id"])
-        report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+        report = sweep_overdue(engine, publisher, SAGAS, POLICY)
         assert (report.redriven, report.completed) == (1, 0)
         row = saga_row(engine, order["saga_id"])
         assert (row.state, row.redrives) == ("RUNNING", redrives)
@@ -208,7 +210,7 @@ def test_a_saga_waits_unrefused_while_no_worker_consumes_its_lane(
 ) -> None:
     overdue(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_ready=lambda: False)
+    report = sweep_overdue(engine, publisher, SAGAS, POLICY, lane_ready=lambda: False)
     assert (report.waiting, report.redriven, report.completed) == (1, 0, 0)
     assert redis.llen(names.SAGA_QUEUE) == 0  # nothing piles up in the queue
     row = saga_row(engine, order["saga_id"])
@@ -223,7 +225,7 @@ def test_a_saga_past_its_business_timeout_is_cancelled_and_released(
     run(engine, order, RESERVE_STOCK)
     timed_out(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY, lane_ready=lambda: False)
+    report = sweep_overdue(engine, publisher, SAGAS, POLICY, lane_ready=lambda: False)
     assert (report.redriven, report.completed) == (0, 1)
     row = order_row(engine, order["order_id"])
     assert (row.status, row.cancel_reason) == ("CANCELLED", "timed_out")
@@ -244,7 +246,7 @@ def test_the_sweeper_completes_a_saga_whose_completion_was_lost(
     run(engine, order, RESERVE_CREDIT)
     overdue(engine, order["saga_id"])
 
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+    report = sweep_overdue(engine, publisher, SAGAS, POLICY)
     assert (report.redriven, report.completed) == (0, 1)
     assert order_row(engine, order["order_id"]).status == "CONFIRMED"
     assert stock_of(engine, order["product"]) == Stock(3, 0)
@@ -259,7 +261,7 @@ def test_sweepers_racing_on_one_saga_compensate_it_once(
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         reports = list(
-            pool.map(lambda _: sweep_overdue(engine, publisher, {"order": SAGA}, POLICY), range(4))
+            pool.map(lambda _: sweep_overdue(engine, publisher, SAGAS, POLICY), range(4))
         )
     assert sum(r.completed for r in reports) == 1
     assert credit_of(engine, order["customer"]) == Credit(
@@ -355,7 +357,7 @@ def test_a_compensation_that_fails_is_visible_and_finished_by_a_later_retry(
     assert event_types(engine, order["order_id"]) == ["OrderPlaced", "OrderCompensationFailed"]
 
     overdue(engine, order["saga_id"])  # the retry time has come; the cause is fixed
-    report = sweep_overdue(engine, publisher, {"order": SAGA}, POLICY)
+    report = sweep_overdue(engine, publisher, SAGAS, POLICY)
     assert report.completed == 1
     row = order_row(engine, order["order_id"])
     assert (row.status, row.cancel_reason, row.problem) == (
@@ -386,7 +388,7 @@ def test_a_compensation_that_keeps_failing_backs_off_then_is_left_to_an_operator
     for attempts, wait in ((2, 100), (3, None)):  # 60 s doubled, capped at 100 s; then none
         overdue(engine, order["saga_id"])
         sweep_overdue(
-            engine, publisher, {"order": FailingRelease()}, POLICY, on_complete=decided.append
+            engine, publisher, SagaRegistry([FailingRelease()]), POLICY, on_complete=decided.append
         )
         assert (decided[-1].attempts, decided[-1].escalated) == (attempts, wait is None)
         row = saga_row(engine, order["saga_id"])
@@ -396,7 +398,7 @@ def test_a_compensation_that_keeps_failing_backs_off_then_is_left_to_an_operator
         else:
             assert row.deadline_at == runner.NEVER  # no sweeper takes it up again
     assert decided[-1].saga_id == order["saga_id"]
-    assert sweep_overdue(engine, publisher, {"order": SAGA}, POLICY).completed == 0
+    assert sweep_overdue(engine, publisher, SAGAS, POLICY).completed == 0
 
     # An operator, the cause mended, retries it by hand.
     done = runner.complete(engine, SAGA, order["saga_id"], retry_after=RETRY)

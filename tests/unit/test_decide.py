@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sagas.definition import SagaDefinition, Step
+from sagas.definition import SagaDefinition, Stage, Step
 from sagas.engine import Decision, SagaState, StepOutcome, StepStatus, decide
 
 SAGA = SagaDefinition(
     name="order",
-    steps=(Step("reserve_stock", "t.stock"), Step("reserve_credit", "t.credit")),
+    stages=(Stage((Step("reserve_stock", "t.stock"), Step("reserve_credit", "t.credit"))),),
     complete_task="t.complete",
 )
 APPLIED = StepStatus.APPLIED
@@ -67,11 +67,17 @@ def test_refuses_to_decide_twice() -> None:
         decide(SAGA, compensated)
 
 
-def test_a_definition_needs_distinct_steps() -> None:
+def test_a_definition_needs_distinct_steps_in_stages_of_at_least_one() -> None:
     with pytest.raises(ValueError, match="distinct"):
-        SagaDefinition("x", (Step("a", "t"), Step("a", "u")), "c")
+        SagaDefinition("x", (Stage((Step("a", "t"), Step("a", "u"))),), "c")
     with pytest.raises(ValueError, match="distinct"):
+        SagaDefinition("x", (Stage((Step("a", "t"),)), Stage((Step("a", "u"),))), "c")
+    with pytest.raises(ValueError, match="at least one step"):
         SagaDefinition("x", (), "c")
+    with pytest.raises(ValueError, match="at least one step"):
+        SagaDefinition("x", (Stage((Step("a", "t"),)), Stage(())), "c")
+    with pytest.raises(ValueError, match="version"):
+        SagaDefinition("x", (Stage((Step("a", "t"),)),), "c", version=0)
 
 
 def test_an_outcome_travels_as_plain_json() -> None:
@@ -86,5 +92,5 @@ def test_an_outcome_travels_as_plain_json() -> None:
 def test_a_forced_cancellation_compensates_every_applied_step() -> None:
     both = outcomes((APPLIED, None), (APPLIED, None))
     assert decide(SAGA, both, cancel_reason="confirmation_failed") == Decision(
-        SagaState.CANCELLED, ("reserve_stock", "reserve_credit"), "confirmation_failed"
+        SagaState.CANCELLED, ("reserve_credit", "reserve_stock"), "confirmation_failed"
     )
