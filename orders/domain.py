@@ -54,6 +54,9 @@ class CancelReason(StrEnum):
     CREDIT_LIMIT_EXCEEDED = "credit_limit_exceeded"
     #: The customer cancelled the order while its saga was running.
     CUSTOMER_CANCELLED = "customer_cancelled"
+    #: An operator cancelled the running saga (python -m workers.sagas cancel, or
+    #: POST /admin/sagas/<id>/cancel): what it had reserved was released.
+    OPERATOR_CANCELLED = "operator_cancelled"
 
 
 class EventType(StrEnum):

@@ -71,7 +71,7 @@ class TimelineSource(Protocol):
 
 
 class Operations(Protocol):
-    """What operators may do through the API: the dead-letter queue and batch runs.
+    """What operators may do through the API: the dead-letter queue, batch runs, sagas.
     Results are JSON-ready; a refused operation raises OperationRefusedError."""
 
     def dead_letters(
@@ -105,3 +105,24 @@ class Operations(Protocol):
     ) -> list[dict[str, Any]]:
         """Customers' latest credit reviews by customer id (after ``after``), at most
         ``limit``; only the flagged ones when ``flagged_only``."""
+
+    def sagas(
+        self,
+        *,
+        states: list[str],
+        name: str | None,
+        older_than_seconds: float | None,
+        limit: int,
+        after: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Sagas in these states (of this definition, accepted at least this long ago),
+        stuck ones first, at most ``limit``, after the cursor ``after``; and the next
+        page's cursor, if any. A cursor this list did not write raises ValueError."""
+
+    def saga(self, saga_id: UUID) -> dict[str, Any] | None:
+        """One saga with its ledger and timeline, or None."""
+
+    def saga_action(self, saga_id: UUID, action: str) -> dict[str, Any]:
+        """Carry out "retry", "cancel" or "retry-compensation" on the saga: what it did.
+        OperationTargetNotFoundError: no such saga; OperationRefusedError: its state
+        does not allow it (the message says why)."""

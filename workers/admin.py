@@ -1,4 +1,5 @@
-"""The API's ``Operations`` port: the dead-letter queue, batch runs and their findings."""
+"""The API's ``Operations`` port: the dead-letter queue, batch runs and their findings,
+and the saga tools (``sagas.operations``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from sqlalchemy import Engine
 
 from config.settings import Settings
 from orders.errors import OperationRefusedError, OperationTargetNotFoundError
+from sagas import operations as saga_ops
+from sagas.engine import SagaState
 from sagas.registry import SagaRegistry
 from workers import batch, dlq
+from workers.sagas import run_action, saga_tools
 
 
 class Operations:
-    """Dead letters and batch runs, for the admin endpoints."""
+    """Dead letters, batch runs and sagas, for the admin endpoints."""
 
     def __init__(
         self,
@@ -24,6 +28,7 @@ class Operations:
         app: Celery,
         settings: Settings,
         definitions: SagaRegistry,
+        sagas: SagaRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.app = app
@@ -31,6 +36,9 @@ class Operations:
         #: The sagas by name and version: replaying a step's letter dispatches its
         #: saga's running stage on the saga's own version.
         self.definitions = definitions
+        #: The saga tools, on ``sagas`` (by default ``definitions``: the API's registry,
+        #: whose handlers write its credit cache through).
+        self.saga_tools = saga_tools(engine, app, settings, sagas or definitions)
 
     def dead_letters(
         self,
@@ -85,3 +93,44 @@ class Operations:
         return batch.credit_findings(
             self.engine, flagged_only=flagged_only, limit=limit, after=after
         )
+
+    def sagas(
+        self,
+        *,
+        states: list[str],
+        name: str | None,
+        older_than_seconds: float | None,
+        limit: int,
+        after: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of sagas, stuck first, and the cursor of the next page (ValueError: a
+        cursor this list did not write)."""
+        query = saga_ops.SagaQuery(
+            tuple(SagaState(state) for state in states),
+            name,
+            timedelta(seconds=older_than_seconds) if older_than_seconds is not None else None,
+            limit,
+            after,
+        )
+        try:
+            page = self.saga_tools.list(query)
+        except saga_ops.BadCursorError as exc:
+            raise ValueError(str(exc)) from exc
+        return [row.to_dict() for row in page.sagas], page.next
+
+    def saga(self, saga_id: UUID) -> dict[str, Any] | None:
+        """One saga in full, or None."""
+        try:
+            return self.saga_tools.show(saga_id).to_dict()
+        except saga_ops.SagaNotFoundError:
+            return None
+
+    def saga_action(self, saga_id: UUID, action: str) -> dict[str, Any]:
+        """Retry a saga's missing steps ("retry"), cancel it ("cancel"), or run its
+        failed compensation now ("retry-compensation")."""
+        try:
+            return run_action(self.saga_tools, action, saga_id).to_dict()
+        except saga_ops.SagaNotFoundError as exc:
+            raise OperationTargetNotFoundError(str(exc)) from exc
+        except saga_ops.SagaActionRefusedError as exc:
+            raise OperationRefusedError(str(exc)) from exc

@@ -70,7 +70,8 @@ from sqlalchemy.dialects.postgresql import insert
 from orders import webhook_deliveries
 from orders.tables import webhook_deliveries as webhook_table
 from sagas.canvas import dispatch_saga
-from sagas.definition import UnknownSagaVersion
+from sagas.definition import SagaDefinition, UnknownSagaVersion
+from sagas.operations import describe_step
 from sagas.registry import SagaRegistry
 from sagas.tables import sagas
 from workers.tables import dead_letters
@@ -355,9 +356,11 @@ def replay(
                 if state is None:
                     raise DeadLetterError(f"the saga of dead letter {letter_id} does not exist")
                 if state in ("CONFIRMED", "CANCELLED"):
+                    definition = step_tasks[row.task_name]
                     raise DeadLetterError(
-                        f"the saga of dead letter {letter_id} is {state} already: nothing to"
-                        " resume (purge the letter)"
+                        decided_step_refusal(
+                            conn, letter_id, definition, row.task_name, row.args[0]
+                        )
                     )
     replayed: dict[int, str] = {}
     for letter_id in wanted:
@@ -400,6 +403,35 @@ def _saga_state(conn: Any, saga_id: Any) -> str | None:
         return None
     state: str | None = conn.execute(select(sagas.c.state).where(sagas.c.id == saga)).scalar()
     return state
+
+
+#: What to do instead of replaying a step of a saga decided meanwhile, by saga name.
+_RETRY_HINT = {
+    "order": "to retry the order, place it again",
+    "refund": "to retry the refund, ask for it again (POST /orders/<id>/refund)",
+}
+
+
+def decided_step_refusal(
+    conn: Connection, letter_id: int, definition: SagaDefinition, task: str, saga_id: Any
+) -> str:
+    """Why a step of a saga decided meanwhile is not replayed, and what to do: the saga,
+    its state and reason, when it was decided, what the ledger says of the step."""
+    saga = conn.execute(
+        select(sagas.c.name, sagas.c.state, sagas.c.reason, sagas.c.finished_at).where(
+            sagas.c.id == UUID(str(saga_id))
+        )
+    ).one()
+    step = next(step.name for step in definition.steps if step.task == task)
+    why = f" ({saga.reason})" if saga.reason else ""
+    when = f" at {saga.finished_at.isoformat()}" if saga.finished_at else ""
+    hint = _RETRY_HINT.get(saga.name, "to run it again, start a new saga")
+    return (
+        f"dead letter {letter_id} is not replayed: saga {saga_id} ({saga.name}) was"
+        f" {saga.state}{why}{when}, and its {describe_step(conn, UUID(str(saga_id)), step)}."
+        f" Nothing to resume: purge the letter with `python -m workers.dlq purge {letter_id}`;"
+        f" {hint}"
+    )
 
 
 def _delivery_state(conn: Any, delivery_id: Any) -> str | None:

@@ -1,5 +1,5 @@
-"""Operators' endpoints: the dead-letter queue, batch runs and the credit check's findings
-(an operator's key only)."""
+"""Operators' endpoints: the dead-letter queue, batch runs, the credit check's findings and
+the sagas (``admin_sagas``), an operator's key only."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import BadRequest, NotFound
 
 from config.settings import Settings
+from orders.api.admin_sagas import add_saga_routes
 from orders.api.auth import require_key
 from orders.api.bodies import read_json
 from orders.api.problems import validation_problem
@@ -164,4 +165,5 @@ def admin_blueprint(settings: Settings, engine: Engine, operations: Operations) 
             raise NotFound(f"no batch run {run_id}")
         return _json(found)
 
+    add_saga_routes(bp, operations)
     return bp

@@ -8,6 +8,7 @@ against the real server by tests/e2e/test_openapi_conformance.py (schemathesis).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,6 +21,16 @@ from orders.api.admin import (
     MAX_REVIEWS_PAGE,
     REVIEWS_PAGE,
     LetterIds,
+)
+from orders.api.admin_sagas import (
+    CURSOR_PATTERN,
+    MAX_SAGAS_PAGE,
+    NAME_PATTERN,
+    SAGA_STATES,
+    SAGAS_PAGE,
+    SagaActionOut,
+    SagaDetailOut,
+    SagasOut,
 )
 from orders.api.routes import MAX_IDEMPOTENCY_KEY, MAX_PAGE_SIZE, MAX_STATUS_IDS, PAGE_SIZE
 from orders.api.schemas import (
@@ -164,6 +175,7 @@ LETTER_ID = _path(
     "letter_id", "the dead letter's id", {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 )
 RUN_ID = _path("run_id", "the batch run's id", {"type": "string", "format": "uuid"})
+SAGA_ID = _path("saga_id", "the saga's id", {"type": "string", "format": "uuid"})
 
 
 def _get(
@@ -486,12 +498,114 @@ def _operator_paths() -> dict[str, Any]:
             400,
             operator=True,
         ),
+        **_saga_paths(post),
         "/batches/{run_id}": _get(
             "A batch run's progress",
             [RUN_ID],
             _ok(BatchRunOut, "The run"),
             404,
             operator=True,
+        ),
+    }
+
+
+def _saga_paths(post: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    def action(summary: str, description: str, status: int) -> dict[str, Any]:
+        answer = "Dispatched" if status == 202 else "Done"
+        return post(
+            summary,
+            _ok(SagaActionOut, answer, status),
+            404,
+            409,
+            description=description,
+            parameters=[SAGA_ID],
+        )
+
+    return {
+        "/admin/sagas": _get(
+            "Sagas (orders, refunds...), stuck first: left to an operator, past their "
+            "deadline (longest overdue first), the other running ones, then finished ones "
+            "(most recent first)",
+            [
+                {
+                    **_query(
+                        "state",
+                        "only sagas in these states (repeat the parameter; either case); "
+                        "default: every state",
+                        {
+                            "type": "array",
+                            "items": {
+                                "type": "string",
+                                "enum": [
+                                    *(state.lower() for state in SAGA_STATES),
+                                    *SAGA_STATES,
+                                ],
+                            },
+                        },
+                    ),
+                    "style": "form",
+                    "explode": True,
+                },
+                _query(
+                    "name",
+                    "only sagas of this definition (order, refund...)",
+                    {"type": "string", "pattern": NAME_PATTERN},
+                ),
+                _query(
+                    "older_than_seconds",
+                    "only sagas accepted at least this long ago",
+                    {"type": "number", "minimum": 0, "maximum": MAX_AGE_SECONDS},
+                ),
+                _query(
+                    "limit",
+                    f"sagas at most, 1 to {MAX_SAGAS_PAGE}",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_SAGAS_PAGE,
+                        "default": SAGAS_PAGE,
+                    },
+                ),
+                _query(
+                    "after",
+                    "the cursor in the previous page's next (any other value: 400)",
+                    {"type": "string", "pattern": CURSOR_PATTERN},
+                ),
+            ],
+            _ok(SagasOut, "A page of sagas; next: the following page, if any"),
+            400,
+            operator=True,
+        ),
+        "/admin/sagas/{saga_id}": _get(
+            "One saga in full: its ledger (every step's status, reason, attempts, times), "
+            "timeline, error and trace id",
+            [SAGA_ID],
+            _ok(SagaDetailOut, "The saga"),
+            404,
+            operator=True,
+        ),
+        "/admin/sagas/{saga_id}/retry": action(
+            "Dispatch a RUNNING saga's steps that have no outcome, now",
+            "Steps that already have an outcome return it again (they are idempotent); "
+            "counted as a redrive. A saga whose every step has an outcome is completed "
+            "now instead. A saga not RUNNING: 409, with its state and what to do.",
+            202,
+        ),
+        "/admin/sagas/{saga_id}/cancel": action(
+            "Cancel a RUNNING saga (reason operator_cancelled)",
+            "Its steps without an outcome never take effect, its applied steps are "
+            "compensated, and its domain records the cancellation (an order: CANCELLED "
+            "with operator_cancelled). A compensation that fails leaves it "
+            "COMPENSATION_FAILED, retried by the sweeper. A saga decided first, or not "
+            "RUNNING: 409.",
+            200,
+        ),
+        "/admin/sagas/{saga_id}/retry-compensation": action(
+            "Run a COMPENSATION_FAILED saga's compensation now",
+            "The answer says what happened: CANCELLED, or COMPENSATION_FAILED again with "
+            "the error (the sweeper's retries go on; past COMPENSATION_MAX_ATTEMPTS it is "
+            "left to an operator). A saga in another state: 409.",
+            200,
         ),
     }
 
@@ -643,6 +757,9 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
         RunStartedOut,
         BatchRunOut,
         CreditReviewsOut,
+        SagasOut,
+        SagaDetailOut,
+        SagaActionOut,
         WebhookIn,
         WebhookSecretOut,
         WebhooksOut,
@@ -690,7 +807,8 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
         "tags": [
             {
                 "name": "operators",
-                "description": "The dead-letter queue, batch runs and the credit check's findings",
+                "description": "The dead-letter queue, batch runs, the credit check's findings "
+                "and the sagas",
             }
         ],
         "paths": {

@@ -18,7 +18,7 @@ import itertools
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,13 +28,17 @@ import httpx
 import pytest
 import schemathesis
 from schemathesis import Case
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from config.settings import Settings
-from orders import keys
+from orders import keys, services
 from orders.api.openapi import openapi_document
+from orders.domain import OrderLine, PlaceOrder
+from orders.saga import ORDER_SAGA, OrderSaga
 from orders.tables import webhook_deliveries, webhook_endpoints
+from sagas import runner
 from tests.conftest import ADMIN_KEY, API_KEY
+from tests.fakes import RecordingLauncher
 from tests.harness.processes import Stack
 from tests.helpers import add_customer, add_product
 from workers import dlq
@@ -52,6 +56,8 @@ ACCEPTED = ["2xx", "404", "409"]
 OPEN = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json"}
 #: Dead letters the operators' endpoints may replay and purge.
 LETTERS = 40
+#: Sagas of each kind the operators' saga endpoints may act on.
+SAGAS = 8
 
 CONFIG = schemathesis.Config.from_dict(
     {
@@ -85,6 +91,10 @@ class World:
     webhooks: list[str] = field(default_factory=list)
     deliveries: list[str] = field(default_factory=list)
     _turn: Iterator[int] = field(default_factory=itertools.count)
+    #: Sagas for the operators' saga endpoints: running ones (their messages never sent)
+    #: to retry and to cancel, and ones whose compensation failed.
+    sagas: dict[str, list[str]] = field(default_factory=dict)
+    saga_cursors: list[str] = field(default_factory=list)
     #: The statuses each operation answered, by generation mode.
     answers: Counter[tuple[str, str, int]] = field(default_factory=Counter)
 
@@ -104,6 +114,9 @@ class World:
                     self.doomed if case.operation.method.upper() == "DELETE" else self.webhooks
                 ),
                 "delivery_id": self.deliveries,
+                "saga_id": self.sagas.get(
+                    case.operation.path.rsplit("/", 1)[-1], self.sagas.get("any", [])
+                ),
             }[name]
             # One in four keeps its drawn id: it names nothing, and must be answered 404.
             if next(self._turn) % 4:
@@ -111,7 +124,8 @@ class World:
             else:
                 case.path_parameters[name] = value
         if case.query and "after" in case.query:
-            case.query["after"] = self.pick(self.cursors)
+            saga_list = case.operation.path == "/admin/sagas"
+            case.query["after"] = self.pick(self.saga_cursors if saga_list else self.cursors)
         if case.operation.path == "/orders/status" and case.query:
             drawn = case.query["ids"].split(",")
             case.query["ids"] = ",".join([self.pick(self.orders), *drawn[1:]])
@@ -156,6 +170,37 @@ def _letters(engine: Engine) -> list[int]:
     with engine.connect() as conn:
         rows = conn.execute(select(dead_letters.c.id).where(dead_letters.c.task_name == task))
         return [row.id for row in rows]
+
+
+class _FailingRelease(OrderSaga):
+    def compensate(self, step: str, conn: Connection, payload: Mapping[str, Any]) -> None:
+        raise RuntimeError("conformance: the store is down")
+
+
+def _sagas(engine: Engine, customer: str, product: str) -> dict[str, list[str]]:
+    """Sagas recorded but never sent: to retry, to cancel, and (both steps run, the
+    compensation failed) to retry the compensation of."""
+    made: dict[str, list[str]] = {"retry": [], "cancel": [], "retry-compensation": []}
+    for kind, ids in made.items():
+        for _ in range(SAGAS):
+            launcher = RecordingLauncher()
+            services.place_order(
+                engine, PlaceOrder(customer, (OrderLine(product, 1),), client="tests"), launcher
+            )
+            (start,) = launcher.launched
+            if kind == "retry-compensation":
+                for step in ORDER_SAGA.step_names:
+                    runner.run_step(engine, OrderSaga(), start.saga_id, step, start.payload)
+                runner.cancel(
+                    engine,
+                    _FailingRelease(),
+                    start.saga_id,
+                    "operator_cancelled",
+                    retry_after=lambda n: None,
+                )
+            ids.append(str(start.saga_id))
+    made["any"] = [*made["retry"], *made["cancel"], *made["retry-compensation"]]
+    return made
 
 
 def _webhooks(world: World, client: httpx.Client, engine: Engine) -> None:
@@ -208,6 +253,9 @@ def world(stack: Stack, settings: Settings, engine: Engine) -> Iterator[World]:
         customers, products, orders, cursors, _letters(engine), [started.json()["run_id"]]
     )
     _webhooks(world, client.http, engine)
+    world.sagas = _sagas(engine, customers[0], products[0])
+    page = httpx.get(f"{stack.api_url}/admin/sagas", params={"limit": 1}, headers=operator)
+    world.saga_cursors += parse_qs(urlsplit(page.json()["next"]).query)["after"]
     yield world
     # The endpoints the run made send nothing to later tests' orders.
     with engine.begin() as conn:
