@@ -21,6 +21,7 @@ from sqlalchemy import Engine, or_, select
 
 from config import names
 from config.settings import Settings
+from sagas.registry import SagaRegistry
 from tests.conftest import Servers
 from tests.harness.processes import Service, Stack, WorkerSpec
 from tests.helpers import add_customer, add_product, wait_for
@@ -442,5 +443,5 @@ def test_a_dead_letter_of_a_message_that_named_no_runnable_task_is_not_replayed(
     letter = wait_for("the dead letter", lambda: letter_of(engine, marker), 30)
 
     with pytest.raises(dlq.DeadLetterError, match="not_an_envelope"):
-        dlq.replay(engine, poisoned.publisher, [letter.id], {})
+        dlq.replay(engine, poisoned.publisher, [letter.id], SagaRegistry())
     assert letter_of(engine, marker).state == "OPEN"

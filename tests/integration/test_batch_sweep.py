@@ -25,6 +25,7 @@ from config import names
 from config.celeryconf import celery_config
 from config.settings import Settings
 from orders.tables import customers as customer_table
+from sagas.registry import SagaRegistry
 from scripts.services import LocalRedis, free_port
 from tests.conftest import ROOT, Servers
 from tests.harness.processes import Stack, WorkerSpec
@@ -284,7 +285,7 @@ def test_a_run_that_never_moves_is_failed_with_a_reason_after_its_resumes(
         letter.kind == "exhausted" and "batch run failed" in letter.error for letter in letters
     )
     replayed = letters[0]
-    dlq.replay(engine, publisher, [replayed.id], {})
+    dlq.replay(engine, publisher, [replayed.id], SagaRegistry())
     work_off(engine, swept)
     after = status(engine, run_id)
     assert after.state == "FAILED"
