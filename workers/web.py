@@ -58,7 +58,7 @@ def create_app() -> Flask:
     # New sagas start on the latest version this process knows.
     launcher = ChordLauncher(engine, publisher, sagas.latest(ORDER_SAGA.name).definition, deadline)
     refunds = ChordLauncher(engine, publisher, sagas.latest(REFUND_SAGA.name).definition, deadline)
-    operations = Operations(engine, publisher, settings, sagas)
+    operations = Operations(engine, publisher, settings, sagas, sagas=sagas)
     # A customer's cancel decides the running order saga in the request (a refund
     # starts the refund saga as an order starts its own), on the saga's own version.
     canceller = RunningSagaCanceller(
