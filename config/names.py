@@ -71,6 +71,14 @@ CREDIT_CHECK_CHUNK = "batch.credit_check.chunk"
 #: Test only (TEST_TASKS=1): a task that fails while told to, and a batch-lane no-op.
 TEST_FLAKY = "testing.flaky"
 TEST_BATCH_NOOP = "testing.batch_noop"
+#: Test only (TEST_TASKS=1): the steps and the completion of the three-stage "trip"
+#: saga (workers.testing_sagas); buy_insurance is a step of its version 2 only.
+TRIP_HOLD_SEAT = "saga.trip.hold_seat"
+TRIP_HOLD_ROOM = "saga.trip.hold_room"
+TRIP_HOLD_CAR = "saga.trip.hold_car"
+TRIP_BUY_INSURANCE = "saga.trip.buy_insurance"
+TRIP_ISSUE_TICKET = "saga.trip.issue_ticket"
+COMPLETE_TRIP = "saga.trip.complete"
 
 #: Benchmark only (BENCH_TASKS=1): a no-op chord member, and its body.
 BENCH_NOOP = "bench.noop"
@@ -94,6 +102,12 @@ ROUTES: dict[str, Lane] = {
     CREDIT_CHECK_CHUNK: Lane.BATCH,
     TEST_FLAKY: Lane.DEFAULT,
     TEST_BATCH_NOOP: Lane.BATCH,
+    TRIP_HOLD_SEAT: Lane.SAGA,
+    TRIP_HOLD_ROOM: Lane.SAGA,
+    TRIP_HOLD_CAR: Lane.SAGA,
+    TRIP_BUY_INSURANCE: Lane.SAGA,
+    TRIP_ISSUE_TICKET: Lane.SAGA,
+    COMPLETE_TRIP: Lane.SAGA,
     BENCH_NOOP: Lane.SAGA,
     BENCH_NOOP_DONE: Lane.SAGA,
 }
