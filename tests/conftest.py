@@ -112,3 +112,14 @@ def owner_engine(servers: Servers, settings: Settings) -> Iterator[Engine]:
     )
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def saga_test_tables(owner_engine: Engine) -> None:
+    """The test-only trip saga's tables (workers.testing_sagas), created by the schema's
+    owner and granted to the system's role."""
+    from scripts.services import PG_APP_ROLE
+    from workers.testing_sagas import create_test_tables
+
+    with owner_engine.begin() as conn:
+        create_test_tables(conn, PG_APP_ROLE)
