@@ -62,7 +62,7 @@ class FailingRelease(OrderSaga):
 
 @pytest.fixture
 def redis(servers: Any) -> Iterator[Redis]:
-    client = Redis.from_url(servers.redis.url(8))
+    client = Redis.from_url(servers.redis.url(16))
     client.flushdb()
     yield client
     client.flushdb()
@@ -71,7 +71,7 @@ def redis(servers: Any) -> Iterator[Redis]:
 @pytest.fixture
 def publisher(settings: Settings, servers: Any, redis: Redis) -> Celery:
     own = replace(
-        settings, broker_url=servers.redis.url(8), result_backend_url=servers.redis.url(9)
+        settings, broker_url=servers.redis.url(16), result_backend_url=servers.redis.url(17)
     )
     return create_celery(own, publisher=True)
 
