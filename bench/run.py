@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 from redis import Redis
-from sqlalchemy import insert, text
+from sqlalchemy import create_engine, insert, text
 
 from bench.history import Loaded, load_history
 from bench.httpload import post_json, run_load
@@ -61,6 +61,9 @@ STORAGE_FIGURES = (
     "backend page writes",
     "checkpointer and bgwriter page writes",
 )
+
+#: A statement that read pages in: pages read, ms spent, calls, its text.
+Reader = tuple[float, float, int, str]
 
 #: A rate is sustained when its p99 completion time stays under this.
 SLO_SECONDS = 1.0
@@ -218,7 +221,10 @@ class Bench:
         self.saga_join = saga_join
         #: More environment for the system's processes (bench.admission sets its bound).
         self.extra_env = extra_env or {}
-        self.postgres = LocalPostgres(base, fsync=True)
+        # pg_stat_statements: the history report names the statements that read pages in.
+        self.postgres = LocalPostgres(
+            base, fsync=True, options={"shared_preload_libraries": "pg_stat_statements"}
+        )
         self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=True)
         self.worker_concurrency = worker_concurrency
         self.events = events
@@ -309,6 +315,29 @@ class Bench:
                 )
             ).scalar_one()
         return commands, float(xacts)
+
+    def statements(
+        self, *, reset: bool = False, top: int = 8
+    ) -> list[tuple[float, float, int, str]]:
+        """The statements that read the most pages into shared buffers since the last
+        reset (pg_stat_statements, as the superuser): pages read, ms, calls, query."""
+        engine = create_engine(self.postgres.url(role="admin"))
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+                if reset:
+                    conn.execute(text("SELECT pg_stat_statements_reset()"))
+                    return []
+                rows = conn.execute(
+                    text(
+                        "SELECT shared_blks_read, total_exec_time, calls, query "
+                        "FROM pg_stat_statements ORDER BY shared_blks_read DESC LIMIT :n"
+                    ),
+                    {"n": top},
+                ).all()
+        finally:
+            engine.dispose()
+        return [(float(r[0]), float(r[1]), int(r[2]), " ".join(r[3].split())) for r in rows]
 
     def _storage(self) -> dict[str, float]:
         """PostgreSQL's cumulative I/O counters: figures per saga that the machine's other
@@ -517,6 +546,8 @@ class HistoryRun:
     periodic: dict[str, list[float]]
     #: The 1-minute load average before and after the run.
     load: tuple[float, float]
+    #: The statements that read the most pages in during the run (Bench.statements).
+    readers: list[Reader] = field(default_factory=list)
 
 
 def measure_history_run(
@@ -525,10 +556,13 @@ def measure_history_run(
     """The saga load at each rate, and what the periodic jobs did meanwhile."""
     log(f"{label}:")
     load_before, logs_before = os.getloadavg()[0], bench.log_sizes()
+    bench.statements(reset=True)
     systems: dict[str, Callable[[float, float], Level]] = {"saga": bench.sagas}
     levels = climb(bench, systems, rates, duration, log)["saga"]
     periodic = periodic_durations(logs_before, bench.log_sizes())
-    return HistoryRun(label, levels, periodic, (load_before, os.getloadavg()[0]))
+    run = HistoryRun(label, levels, periodic, (load_before, os.getloadavg()[0]))
+    run.readers = bench.statements()
+    return run
 
 
 def history_report(
@@ -596,6 +630,17 @@ def history_report(
             f"| {task} | {runs(empty.periodic.get(task, []))} "
             f"| {runs(full.periodic.get(task, []))} |"
         )
+    for run in (empty, full):
+        lines += [
+            "",
+            f"Statements that read the most pages in, {run.label} (pg_stat_statements):",
+            "",
+            "| pages read | ms | calls | statement |",
+            "|---|---|---|---|",
+        ]
+        for pages, ms_, calls, query in run.readers:
+            shown = query if len(query) <= 160 else query[:157] + "..."
+            lines.append(f"| {pages:,.0f} | {ms_:,.0f} | {calls:,} | `{shown.replace('|', '/')}` |")
     report = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.md").write_text(report)

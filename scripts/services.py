@@ -124,8 +124,11 @@ class LocalPostgres:
         *,
         fsync: bool = True,
         passwords: PgPasswords | None = None,
+        options: dict[str, str] | None = None,
     ) -> None:
         self.base = base
+        #: More server settings (``-c name=value``), e.g. the bench's preloaded libraries.
+        self.options = dict(options or {})
         self.data = base / "pg"
         self.sockets = base / "pg-socket"
         self.log = base / "pg.log"
@@ -226,6 +229,7 @@ class LocalPostgres:
             f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 "
             "-c shared_buffers=128MB -c password_encryption=scram-sha-256 "
             "-c unix_socket_permissions=0700"
+            + "".join(f" -c {name}={value}" for name, value in self.options.items())
         )
         try:
             self._run(
