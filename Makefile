@@ -1,6 +1,8 @@
 # One command runs the system, one runs the tests; both install what they need.
 PY := .venv/bin/python
 BIN := .venv/bin
+# make bench: the bare chord and both joins of the saga, each on its own stack, one report.
+BENCH_ARGS ?= --saga-join both
 
 .PHONY: run test check lint typecheck imports unit integration e2e chaos bench install clean
 

@@ -43,21 +43,25 @@ class GroupProfile:
 
 
 def package_of(path: str) -> str:
-    """The package a source file belongs to: the directory under site-packages, ours by
-    its top directory, the standard library by module (``logging``, ``json``...)."""
+    """The package a source file belongs to. py-spy names a file relative to the entry of
+    ``sys.path`` it was found under (``sqlalchemy/engine/default.py``, ``threading.py``,
+    ``sagas/runner.py``): the first part is the package, or the module of a lone file.
+    An absolute path is read the same way after ``site-packages`` or ``pythonX.Y``."""
     parts = Path(path).parts
-    for marker in ("site-packages", "dist-packages"):
-        if marker in parts:
-            rest = parts[parts.index(marker) + 1 :]
-            return rest[0].removesuffix(".py") if rest else path
-    for ours in OURS:
-        if ours in parts:
-            return ours
-    if "python3" in " ".join(parts) or "lib" in parts:
-        name = parts[-1].removesuffix(".py")
-        parent = parts[-2] if len(parts) > 1 else ""
-        return parent if parent not in ("lib", "") and not parent.startswith("python") else name
-    return parts[-1] if parts else path
+    if Path(path).is_absolute():
+        marks = [
+            i
+            for i, part in enumerate(parts)
+            if part in ("site-packages", "dist-packages") or part.startswith("python3")
+        ]
+        if marks:
+            parts = parts[marks[-1] + 1 :]
+        for ours in OURS:
+            if ours in parts:
+                return ours
+    if not parts:
+        return path
+    return parts[0].removesuffix(".py")
 
 
 def _frame(raw: str) -> tuple[str, str]:

@@ -157,3 +157,31 @@ def write_report(
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def join_section(join: str, saga: list[Level], bare: list[Level], slo: float) -> str:
+    """The order saga on a second stack, joined by ``join``: its ladder, its highest
+    sustained rate against the bare chord of the same run, and its cost there."""
+    header = (
+        "| offered/s | done/s | POST p50/p95/p99 ms | completion p50/p95/p99 ms "
+        "| lost | sustained |"
+    )
+    top_bare, top_saga = best(bare), best(saga)
+    ratio = (top_saga.rate / top_bare.rate) if top_bare and top_saga else float("nan")
+    lines = [
+        "",
+        f"## Order saga, steps joined by `{join}` (a stack of its own, same run)",
+        "",
+        f"- Highest rate with p99 completion under {slo:g} s: "
+        f"{top_saga.rate if top_saga else 0:.0f}/s (**{ratio:.0%}** of the bare chord above).",
+    ]
+    at50 = next((lv for lv in saga if lv.rate == 50), None)
+    if at50:
+        lines.append(
+            f"- At 50 orders/s: POST p99 {_q(at50.post_latencies, 0.99):.1f} ms; saga p50 "
+            f"{_q(at50.latencies, 0.5):.1f} ms, p99 {_q(at50.latencies, 0.99):.1f} ms."
+        )
+    lines += ["", header, "|---|---|---|---|---|---|", *(_row(lv) for lv in saga), ""]
+    if top_saga:
+        lines += [f"**saga ({join})** at {top_saga.rate:.0f}/s:", *_costs(top_saga), ""]
+    return "\n".join(lines) + "\n"

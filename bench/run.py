@@ -37,7 +37,7 @@ from bench.history import Loaded, load_history
 from bench.httpload import post_json, run_load
 from bench.profile import Profiler
 from bench.profile import report as profile_report
-from bench.report import write_report
+from bench.report import join_section, write_report
 from config import names
 from config.database import make_engine
 from config.settings import POOL_PRESETS, SAGA_JOINS, Settings
@@ -722,53 +722,93 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--saga-join",
-        choices=SAGA_JOINS,
+        choices=(*SAGA_JOINS, "both"),
         default="chord",
-        help="how the API joins a saga's steps (SAGA_JOIN)",
+        help="how the API joins a saga's steps (SAGA_JOIN); both: the chord's stack with "
+        "the bare chord, then a stack with the database join, in one report",
     )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     if args.scaling:
+        if args.saga_join == "both":
+            parser.error("--scaling measures one join: --saga-join chord or database")
         scaling_curve([int(c) for c in args.scaling.split(",")], rates, args)
         return 0
-    with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
-        bench = Bench(
-            Path(base),
-            args.concurrency,
-            events=not args.no_events,
-            saga_join=args.saga_join,
-            extra_env={
-                # Every periodic job runs during a history run, the credit check included.
-                **({"CREDIT_CHECK_EVERY_SECONDS": "60", **HISTORY_KEPT} if args.history else {}),
-                **({"TRACES_FILE": str(args.traces_file.resolve())} if args.traces_file else {}),
-            },
-        )
-        bench.profile = args.profile
-        try:
-            bench.start()
-            if args.history:
-                print(run_history(bench, args, rates))
-                return 0
-            print(
-                f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
-                f"{'' if args.no_events else ' -E'}, saga steps joined by {args.saga_join}",
-                flush=True,
-            )
-            systems = {"bare chord": bench.bare_chords, "saga": bench.sagas}
-            if args.only:
-                systems = {k: v for k, v in systems.items() if k.startswith(args.only)}
-            levels = climb(bench, systems, rates, args.duration, print)
-            bare, saga = levels.get("bare chord", []), levels.get("saga", [])
-        finally:
-            bench.stop()
-    report = write_report(args.out, bare, saga, SLO_SECONDS, vars(args))
-    profiled = [level for level in saga if level.profile]
+    if args.history:
+        if args.saga_join == "both":
+            parser.error("--history measures one join: --saga-join chord or database")
+        return _history_main(args, rates)
+    joins = ("chord", "database") if args.saga_join == "both" else (args.saga_join,)
+    bare: list[Level] = []
+    sagas: dict[str, list[Level]] = {}
+    for n, join in enumerate(joins):
+        # One stack per join (the API reads SAGA_JOIN when it starts); the bare chord is
+        # measured on the first only: it is the same chord whatever the join.
+        systems = ["saga"] if n else ["bare chord", "saga"]
+        if args.only:
+            systems = [name for name in systems if name.startswith(args.only)]
+        if not systems:
+            continue
+        levels = _climb_on_stack(args, rates, join, systems)
+        bare = bare or levels.get("bare chord", [])
+        sagas[join] = levels.get("saga", [])
+    first = sagas.get(joins[0], [])
+    report = write_report(args.out, bare, first, SLO_SECONDS, {**vars(args), "saga_join": joins[0]})
+    for join in joins[1:]:
+        report += join_section(join, sagas.get(join, []), bare, SLO_SECONDS)
+    profiled = [level for levels in sagas.values() for level in levels if level.profile]
     if profiled:
         # The highest sustained level's, or the first level's if none was sustained.
         chosen = next((lv for lv in reversed(profiled) if lv.sustained), profiled[0])
         report += f"\n{chosen.profile.replace('## Profile', f'## Profile at {chosen.rate:g}/s', 1)}"
-        (args.out / "report.md").write_text(report)
+    (args.out / "report.md").write_text(report)
     print(report)
+    return 0
+
+
+def _bench(base: Path, args: argparse.Namespace, join: str) -> Bench:
+    bench = Bench(
+        base,
+        args.concurrency,
+        events=not args.no_events,
+        saga_join=join,
+        extra_env={
+            # Every periodic job runs during a history run, the credit check included.
+            **({"CREDIT_CHECK_EVERY_SECONDS": "60", **HISTORY_KEPT} if args.history else {}),
+            **({"TRACES_FILE": str(args.traces_file.resolve())} if args.traces_file else {}),
+        },
+    )
+    bench.profile = args.profile
+    return bench
+
+
+def _climb_on_stack(
+    args: argparse.Namespace, rates: list[float], join: str, systems: list[str]
+) -> dict[str, list[Level]]:
+    """A fresh stack whose API joins sagas by ``join``, and the ladder on it."""
+    with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
+        bench = _bench(Path(base), args, join)
+        try:
+            bench.start()
+            print(
+                f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
+                f"{'' if args.no_events else ' -E'}, saga steps joined by {join}",
+                flush=True,
+            )
+            drives = {"bare chord": bench.bare_chords, "saga": bench.sagas}
+            return climb(bench, {s: drives[s] for s in systems}, rates, args.duration, print)
+        finally:
+            bench.stop()
+
+
+def _history_main(args: argparse.Namespace, rates: list[float]) -> int:
+    with tempfile.TemporaryDirectory(prefix="orders-bench-") as base:
+        bench = _bench(Path(base), args, args.saga_join)
+        try:
+            bench.start()
+            print(run_history(bench, args, rates))
+        finally:
+            bench.stop()
     return 0
 
 
