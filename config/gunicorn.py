@@ -61,6 +61,15 @@ def on_starting(server: object) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orders-api-metrics-")
 
 
+def post_worker_init(worker: object) -> None:
+    """The worker built its app: the collector skips what that made from now on, and
+    slow collections are logged (config.gc_tuning)."""
+    from config import gc_tuning
+
+    gc_tuning.freeze()
+    gc_tuning.watch()
+
+
 def child_exit(server: object, worker: object) -> None:
     """A worker went away: its live gauges no longer count."""
     from prometheus_client import multiprocess

@@ -14,7 +14,7 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
-from config import names, tracing
+from config import gc_tuning, names, tracing
 from config.celeryconf import celery_config
 from config.logs import bind_log_context, clear_log_context, configure_logging, json_celery
 from config.settings import Settings, load_settings
@@ -120,7 +120,14 @@ def _connect_signals(app: Celery, runtime: Runtime) -> None:
         if settings.worker_metrics_port:
             serve(settings, runtime.engine)
 
+    def _settle_memory(**_: Any) -> None:
+        # Before the pool forks: its children inherit a collector that skips what
+        # startup built, and the watch on slow collections (config.gc_tuning).
+        gc_tuning.freeze()
+        gc_tuning.watch()
+
     task_prerun.connect(_bind, weak=False)
     task_postrun.connect(_unbind, weak=False)
     task_retry.connect(_count_retry, weak=False)
     worker_init.connect(_serve_metrics, weak=False)
+    worker_init.connect(_settle_memory, weak=False)

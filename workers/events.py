@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import Gauge, start_http_server
 from sqlalchemy import Engine
 
+from config import gc_tuning
 from config.database import make_engine
 from config.logs import configure_logging
 from config.settings import Settings, load_settings
@@ -118,6 +119,8 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     logger.info("event consumers running: %s", ", ".join(c.name for c in consumers))
+    gc_tuning.freeze()
+    gc_tuning.watch()
     run(settings, engine, consumers, stop)
     engine.dispose()
 
