@@ -104,7 +104,7 @@ def write_report(
     at50 = next((lv for lv in saga if lv.rate == 50), None)
     header = (
         "| offered/s | done/s | POST p50/p95/p99 ms | completion p50/p95/p99 ms "
-        "| lost | sustained |"
+        "| unfinished | sustained |"
     )
     rule = "|---|---|---|---|---|---|"
     lines = [
@@ -152,7 +152,9 @@ def write_report(
         ]
     lines += [
         "Completion latency is measured from the moment a request was due (open loop) or",
-        "published, to the saga's recorded end (or the chord body's run).",
+        "published, to the saga's recorded end (or the chord body's run). Unfinished: refused",
+        "(not 202), or not finished within 10 s of the level's end (still running, not",
+        "lost: the next level starts on top of them).",
     ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -164,7 +166,7 @@ def join_section(join: str, saga: list[Level], bare: list[Level], slo: float) ->
     sustained rate against the bare chord of the same run, and its cost there."""
     header = (
         "| offered/s | done/s | POST p50/p95/p99 ms | completion p50/p95/p99 ms "
-        "| lost | sustained |"
+        "| unfinished | sustained |"
     )
     top_bare, top_saga = best(bare), best(saga)
     ratio = (top_saga.rate / top_bare.rate) if top_bare and top_saga else float("nan")

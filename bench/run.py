@@ -223,7 +223,13 @@ class Bench:
         self.extra_env = extra_env or {}
         # pg_stat_statements: the history report names the statements that read pages in.
         self.postgres = LocalPostgres(
-            base, fsync=True, options={"shared_preload_libraries": "pg_stat_statements"}
+            base,
+            fsync=True,
+            options={
+                "shared_preload_libraries": "pg_stat_statements",
+                # --profile: planning time per statement too (what a cached plan saves).
+                "pg_stat_statements.track_planning": "on",
+            },
         )
         self.redis = LocalRedis(base, password=secrets.token_hex(12), appendonly=True)
         self.worker_concurrency = worker_concurrency
@@ -339,6 +345,44 @@ class Bench:
             engine.dispose()
         return [(float(r[0]), float(r[1]), int(r[2]), " ".join(r[3].split())) for r in rows]
 
+    def statement_times(self, done: int, top: int = 15) -> str:
+        """Markdown: the statements that took PostgreSQL the most time since the last
+        reset (pg_stat_statements), per operation: calls, planning and execution ms."""
+        engine = create_engine(self.postgres.url(role="admin"))
+        try:
+            with engine.begin() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT calls, total_plan_time, total_exec_time, query "
+                        "FROM pg_stat_statements WHERE dbid = "
+                        "(SELECT oid FROM pg_database WHERE datname = 'orders') "
+                        "ORDER BY total_plan_time + total_exec_time DESC"
+                    )
+                ).all()
+        finally:
+            engine.dispose()
+        n = max(1, done)
+        calls = sum(r.calls for r in rows) / n
+        plan = sum(r.total_plan_time for r in rows) / n
+        run = sum(r.total_exec_time for r in rows) / n
+        lines = [
+            "### PostgreSQL statements (pg_stat_statements, per saga)",
+            "",
+            f"In all: {calls:.1f} statements, planning {plan:.2f} ms, execution {run:.2f} ms "
+            "(wall time in the server, parsing and the protocol not included).",
+            "",
+            "| calls | planning ms | execution ms | statement |",
+            "|---|---|---|---|",
+        ]
+        for row in rows[:top]:
+            query = " ".join(row.query.split())
+            query = query if len(query) <= 110 else query[:107] + "..."
+            lines.append(
+                f"| {row.calls / n:.2f} | {row.total_plan_time / n:.3f} "
+                f"| {row.total_exec_time / n:.3f} | `{query.replace('|', '/')}` |"
+            )
+        return "\n".join(lines) + "\n"
+
     def _storage(self) -> dict[str, float]:
         """PostgreSQL's cumulative I/O counters: figures per saga that the machine's other
         work does not blur (unlike times), so that a cost growing with the history shows."""
@@ -362,6 +406,7 @@ class Bench:
         if self.profile and system == "saga":
             profiler = Profiler(self.base / "profile" / f"{system}-{rate:g}")
             profiler.start(self.processes.groups(), duration)
+            self.statements(reset=True)
         storage_before = self._storage()
         cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
         level = drive(rate, duration)
@@ -372,6 +417,7 @@ class Bench:
         level.cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / done for g in cpu_after}
         if profiler is not None:
             level.profile = profile_report(profiler.stop(), level.cpu_ms)
+            level.profile += "\n" + self.statement_times(level.completed)
         level.peak_rss_mb = dict(self.processes.peak)
         level.redis_commands = (cmd_after - cmd_before) / done
         level.db_transactions = (xact_after - xact_before) / done
@@ -456,30 +502,57 @@ def climb(
     rates: list[float],
     duration: float,
     log: Callable[[str], None],
+    refine: int = 0,
 ) -> dict[str, list[Level]]:
     """Offer each rate to each system in turn (so both are measured close in time on a
     machine whose speed drifts); a system leaves the ladder at its first rate not
-    sustained."""
+    sustained. Then ``refine`` rounds of bisection between each system's highest
+    sustained rate and the rate that failed above it, so that the highest sustained
+    rate is known to a finer step than the ladder's. Levels come back by rate."""
     levels: dict[str, list[Level]] = {name: [] for name in systems}
+
+    def measure(name: str, rate: float) -> None:
+        level = bench.measure(name, rate, duration, systems[name])
+        levels[name].append(level)
+        log(
+            f"  {name:<10} {rate:5.0f}/s offered: {level.throughput:6.1f}/s done, "
+            f"p50 {quantile(level.latencies, 0.5) * 1000:7.1f} ms, "
+            f"p99 {quantile(level.latencies, 0.99) * 1000:7.1f} ms, "
+            f"CPU {sum(level.cpu_ms.values()):5.1f} ms/op ("
+            + ", ".join(
+                f"{group} {ms:.1f}"
+                for group, ms in sorted(level.cpu_ms.items(), key=lambda item: -item[1])
+            )
+            + f"), {level.db_transactions:.2f} tx/op"
+            + ("" if level.sustained else "  (not sustained)")
+        )
+        time.sleep(2)  # let the queues drain before the next level
+
     for rate in rates:
-        for name, drive in systems.items():
+        for name in systems:
             if levels[name] and not levels[name][-1].sustained:
                 continue
-            level = bench.measure(name, rate, duration, drive)
-            levels[name].append(level)
-            log(
-                f"  {name:<10} {rate:5.0f}/s offered: {level.throughput:6.1f}/s done, "
-                f"p50 {quantile(level.latencies, 0.5) * 1000:7.1f} ms, "
-                f"p99 {quantile(level.latencies, 0.99) * 1000:7.1f} ms, "
-                f"CPU {sum(level.cpu_ms.values()):5.1f} ms/op "
-                f"(worker {level.cpu_ms.get('worker', 0.0):4.1f}, "
-                f"api {level.cpu_ms.get('api', 0.0):4.1f})"
-                + ("" if level.sustained else "  (not sustained)")
-            )
-            time.sleep(2)  # let the queues drain before the next level
+            measure(name, rate)
         if all(lv and not lv[-1].sustained for lv in levels.values()):
             break
-    return levels
+    for _ in range(refine):
+        for name in systems:
+            if (between := _bracket(levels[name])) is not None:
+                measure(name, between)
+    return {name: sorted(found, key=lambda level: level.rate) for name, found in levels.items()}
+
+
+def _bracket(levels: list[Level]) -> float | None:
+    """The whole rate halfway between the highest sustained rate and the lowest rate
+    above it that failed; None when there is no such pair or no whole rate between."""
+    top = max((lv.rate for lv in levels if lv.sustained), default=None)
+    if top is None:
+        return None
+    above = [lv.rate for lv in levels if not lv.sustained and lv.rate > top]
+    if not above:
+        return None
+    middle = float(round((top + min(above)) / 2))
+    return middle if top < middle < min(above) else None
 
 
 def scaling_curve(
@@ -685,6 +758,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES))
     parser.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        metavar="N",
+        help="after the ladder, N rounds of bisection between each system's highest "
+        "sustained rate and the failed rate above it (0: the ladder's steps only)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=3,
@@ -710,6 +791,14 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the saga load on the empty database, then with N past orders loaded",
     )
     parser.add_argument("--only", choices=("bare", "saga"), help="measure one system only")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more environment for the system's processes, to measure one setting against "
+        "its default (repeatable; e.g. --env EVENTS_POLL_SECONDS=0.25)",
+    )
     parser.add_argument(
         "--traces-file",
         type=Path,
@@ -779,10 +868,18 @@ def _bench(base: Path, args: argparse.Namespace, join: str) -> Bench:
             # Every periodic job runs during a history run, the credit check included.
             **({"CREDIT_CHECK_EVERY_SECONDS": "60", **HISTORY_KEPT} if args.history else {}),
             **({"TRACES_FILE": str(args.traces_file.resolve())} if args.traces_file else {}),
+            **dict(_setting(pair) for pair in args.env),
         },
     )
     bench.profile = args.profile
     return bench
+
+
+def _setting(pair: str) -> tuple[str, str]:
+    name, sep, value = pair.partition("=")
+    if not sep or not name.isidentifier():
+        raise SystemExit(f"--env takes NAME=VALUE, not {pair!r}")
+    return name, value
 
 
 def _climb_on_stack(
@@ -795,11 +892,19 @@ def _climb_on_stack(
             bench.start()
             print(
                 f"bench: {args.duration:.0f} s per rate, worker -c {args.concurrency}"
-                f"{'' if args.no_events else ' -E'}, saga steps joined by {join}",
+                f"{'' if args.no_events else ' -E'}, saga steps joined by {join}"
+                + "".join(f", {pair}" for pair in args.env),
                 flush=True,
             )
             drives = {"bare chord": bench.bare_chords, "saga": bench.sagas}
-            return climb(bench, {s: drives[s] for s in systems}, rates, args.duration, print)
+            return climb(
+                bench,
+                {s: drives[s] for s in systems},
+                rates,
+                args.duration,
+                print,
+                refine=args.refine,
+            )
         finally:
             bench.stop()
 
