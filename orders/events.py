@@ -497,12 +497,18 @@ def lag(engine: Engine, consumer_name: str) -> int:
 
 
 def _lock_checkpoint(conn: Connection, name: str, *, wait: bool) -> int | None:
+    """The consumer's checkpoint, its row locked (made at 0 the first time); None when
+    another instance holds the lock and ``wait`` is off. A row that exists (every pass
+    but a consumer's first) costs one statement."""
+    query = select(_k.last_id).where(_k.consumer == name)
+    query = query.with_for_update() if wait else query.with_for_update(skip_locked=True)
+    checkpoint: int | None = conn.execute(query).scalar()
+    if checkpoint is not None:
+        return checkpoint
     conn.execute(
         insert(consumer_checkpoints)
         .values(consumer=name, last_id=0, updated_at=datetime.now(UTC))
         .on_conflict_do_nothing()
     )
-    query = select(_k.last_id).where(_k.consumer == name)
-    query = query.with_for_update() if wait else query.with_for_update(skip_locked=True)
-    checkpoint: int | None = conn.execute(query).scalar()
+    checkpoint = conn.execute(query).scalar()
     return checkpoint

@@ -53,7 +53,7 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
     seen: dict[str, dict[int, datetime]] = {consumer.name: {} for consumer in consumers}
     measured = 0.0
     while not stop.is_set():
-        busy = False
+        busy = applied = False
         try:
             last = newest(engine)
         except Exception as exc:
@@ -85,6 +85,7 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
             moved = tally.checkpoint != reached.get(consumer.name)
             reached[consumer.name] = tally.checkpoint
             busy = busy or (tally.read >= BATCH and moved)
+            applied = applied or moved
         if time.monotonic() - measured > 1.0:
             measured = time.monotonic()
             for consumer in consumers:
@@ -93,7 +94,9 @@ def run(settings: Settings, engine: Engine, consumers: Sequence[Consumer], stop:
                 except Exception:
                     logger.debug("lag not measured", exc_info=True)
         if not busy:
-            stop.wait(settings.events_poll_seconds)
+            # Events came in: more are likely on the way, let them gather into the next
+            # pass. None: look again soon, so that a lone event is applied at once.
+            stop.wait(settings.events_batch_seconds if applied else settings.events_poll_seconds)
 
 
 def main() -> None:

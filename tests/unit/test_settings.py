@@ -105,6 +105,8 @@ def test_admission_control_is_on_except_under_tests_unless_told() -> None:
         ({"RATE_LIMIT": "0/minute"}, "RATE_LIMIT"),
         ({"ADMISSION_MAX_BACKLOG": "-1"}, "ADMISSION_MAX_BACKLOG"),
         ({"ADMISSION_MAX_BACKLOG": "some"}, "ADMISSION_MAX_BACKLOG"),
+        ({"EVENTS_POLL_SECONDS": "0"}, "EVENTS_POLL_SECONDS"),
+        ({"EVENTS_BATCH_SECONDS": "-0.1"}, "EVENTS_BATCH_SECONDS"),
     ],
 )
 def test_refuses_malformed_limits(environ: dict[str, str], message: str) -> None:
