@@ -51,8 +51,8 @@ def create_celery(settings: Settings | None = None, *, publisher: bool = False) 
         config["redis_socket_connect_timeout"] = timeout
     app = Celery("orders", set_as_current=False)
     app.config_from_object(config)
+    apply_fixes(publisher=publisher)
     if not publisher:
-        apply_fixes()
         runtime = Runtime(settings)
         app.orders_runtime = runtime  # for the consumer (workers.consumer)
         register_tasks(app, runtime)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 from kombu import Connection, Exchange, Queue
+from kombu.transport import redis as kombu_redis
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -46,6 +48,43 @@ def test_a_channel_whose_broker_connection_was_torn_down_fails_softly_and_keeps_
 
         # Still in the unacknowledged set: handed back after the visibility timeout.
         assert Redis.from_url(redis.url()).hlen("unacked") == 1
+    finally:
+        redis.stop()
+
+
+def test_a_channel_publishes_with_one_redis_client_and_keeps_it_across_a_redis_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply_fixes(publisher=True)
+    built: list[bool] = []
+    create = kombu_redis.Channel._create_client
+
+    def counted(self: Any, asynchronous: bool = False) -> Any:
+        built.append(asynchronous)
+        return create(self, asynchronous)
+
+    monkeypatch.setattr(kombu_redis.Channel, "_create_client", counted)
+    redis = LocalRedis(tmp_path, password="compat", appendonly=True)
+    redis.start()
+    try:
+        queue = Queue("compat", Exchange("compat"), routing_key="compat")
+        with Connection(redis.url()) as conn:
+            producer = conn.Producer()
+            for n in range(40):
+                producer.publish(
+                    {"n": n}, exchange=queue.exchange, routing_key="compat", declare=[queue]
+                )
+            # Redis restarts: the channel's client takes new connections from its pool.
+            redis.stop()
+            redis.start()
+            for n in range(40, 60):
+                producer.publish({"n": n}, exchange=queue.exchange, routing_key="compat")
+        # One client built to publish 60 messages (one per message before the fix: each
+        # costs a table of reply handlers, about 0.6 ms of CPU).
+        assert built.count(False) == 1
+        items = Redis.from_url(redis.url()).lrange("compat", 0, -1)
+        bodies = [json.loads(base64.b64decode(json.loads(item)["body"])) for item in items]
+        assert sorted(body["n"] for body in bodies) == list(range(60))
     finally:
         redis.stop()
 
