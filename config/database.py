@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, create_engine
@@ -94,3 +94,23 @@ def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
     callbacks = _after_commit.get(conn)
     if callbacks is not None:
         callbacks.append(callback)
+
+
+@contextmanager
+def single_statements(engine: Engine) -> Iterator[Connection]:
+    """A connection whose statements each run as their own transaction (the driver's
+    autocommit): a lone read is one round trip instead of three (BEGIN, the read,
+    ROLLBACK). For reads that need no snapshot shared with another statement: looking
+    up a key, the newest event. The connection goes back to the pool as it came, in
+    transactions."""
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            # Nothing was begun, so the rollback on the way back to the pool sends
+            # nothing either. A connection that broke is discarded by the pool.
+            with suppress(Exception):
+                driver.autocommit = False

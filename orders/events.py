@@ -44,7 +44,7 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
-from config.database import transaction
+from config.database import single_statements, transaction
 from orders.tables import (
     consumer_checkpoints,
     consumer_checks,
@@ -481,13 +481,13 @@ def check_all(
 
 def newest(engine: Engine) -> int:
     """The id of the newest event (0 for none): one index lookup, to skip idle passes."""
-    with engine.connect() as conn:
+    with single_statements(engine) as conn:
         return int(conn.execute(select(func.coalesce(func.max(_e.id), 0))).scalar_one())
 
 
 def lag(engine: Engine, consumer_name: str) -> int:
     """Events in the feed past the consumer's checkpoint (not yet applied)."""
-    with engine.connect() as conn:
+    with single_statements(engine) as conn:
         checkpoint = conn.execute(select(_k.last_id).where(_k.consumer == consumer_name)).scalar()
         return int(
             conn.execute(

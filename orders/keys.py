@@ -38,6 +38,7 @@ from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
+from config.database import single_statements
 from orders.tables import api_keys, customers
 
 PREFIX = "osk"
@@ -105,7 +106,7 @@ def authenticate(engine: Engine, key: str) -> Principal | None:
     key_id = key_id_of(key)
     if key_id is None:
         return None
-    with engine.connect() as conn:
+    with single_statements(engine) as conn:  # one round trip: every request pays it
         row = conn.execute(
             select(api_keys.c.name, api_keys.c.role, api_keys.c.customers, api_keys.c.secret_hash)
             .where(api_keys.c.id == key_id)
