@@ -345,6 +345,11 @@ class Bench:
             engine.dispose()
         return [(float(r[0]), float(r[1]), int(r[2]), " ".join(r[3].split())) for r in rows]
 
+    def redis_commands(self) -> dict[str, int]:
+        """Redis's count of each command so far (INFO commandstats)."""
+        stats = self.broker.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
     def statement_times(self, done: int, top: int = 15) -> str:
         """Markdown: the statements that took PostgreSQL the most time since the last
         reset (pg_stat_statements), per operation: calls, planning and execution ms."""
@@ -407,6 +412,7 @@ class Bench:
             profiler = Profiler(self.base / "profile" / f"{system}-{rate:g}")
             profiler.start(self.processes.groups(), duration)
             self.statements(reset=True)
+            commands_before = self.redis_commands()
         storage_before = self._storage()
         cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
         level = drive(rate, duration)
@@ -418,6 +424,20 @@ class Bench:
         if profiler is not None:
             level.profile = profile_report(profiler.stop(), level.cpu_ms)
             level.profile += "\n" + self.statement_times(level.completed)
+            counts = self.redis_commands()
+            per_op = {
+                name: (calls - commands_before.get(name, 0)) / done
+                for name, calls in counts.items()
+            }
+            level.profile += (
+                "\n### Redis commands per saga (INFO commandstats)\n\n"
+                + ", ".join(
+                    f"{name} {n:.1f}"
+                    for name, n in sorted(per_op.items(), key=lambda item: -item[1])
+                    if n >= 0.05
+                )
+                + "\n"
+            )
         level.peak_rss_mb = dict(self.processes.peak)
         level.redis_commands = (cmd_after - cmd_before) / done
         level.db_transactions = (xact_after - xact_before) / done
@@ -848,11 +868,13 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.out, bare, first, SLO_SECONDS, {**vars(args), "saga_join": joins[0]})
     for join in joins[1:]:
         report += join_section(join, sagas.get(join, []), bare, SLO_SECONDS)
-    profiled = [level for levels in sagas.values() for level in levels if level.profile]
-    if profiled:
-        # The highest sustained level's, or the first level's if none was sustained.
-        chosen = next((lv for lv in reversed(profiled) if lv.sustained), profiled[0])
-        report += f"\n{chosen.profile.replace('## Profile', f'## Profile at {chosen.rate:g}/s', 1)}"
+    for join, levels in sagas.items():
+        profiled = [level for level in levels if level.profile]
+        if profiled:
+            # The highest sustained level's, or the first level's if none was sustained.
+            chosen = next((lv for lv in reversed(profiled) if lv.sustained), profiled[0])
+            title = f"## Profile of the saga joined by {join} at {chosen.rate:g}/s"
+            report += f"\n{chosen.profile.replace('## Profile', title, 1)}"
     (args.out / "report.md").write_text(report)
     print(report)
     return 0
@@ -897,6 +919,13 @@ def _climb_on_stack(
                 flush=True,
             )
             drives = {"bare chord": bench.bare_chords, "saga": bench.sagas}
+            # A fresh stack's first seconds are slower (connections, imports, PostgreSQL's
+            # caches): each system warms up at the first rate, not measured.
+            warm_up = min(10.0, args.duration)
+            for system in systems:
+                print(f"warming up: {system}, {rates[0]:.0f}/s for {warm_up:.0f} s", flush=True)
+                drives[system](rates[0], warm_up)
+                time.sleep(2)
             return climb(
                 bench,
                 {s: drives[s] for s in systems},
