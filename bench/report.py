@@ -7,11 +7,6 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 if TYPE_CHECKING:
     from bench.run import Level
 
@@ -30,6 +25,13 @@ def best(levels: list[Level]) -> Level | None:
 
 def plot(path: Path, bare: list[Level], saga: list[Level], slo: float) -> None:
     """Completion latency p50 and p99 against offered rate, both systems."""
+    # Imported here: matplotlib comes with the bench extra, and the ladder's logic
+    # (bench.run) is tested without it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for levels, colour in ((bare, "tab:gray"), (saga, "tab:blue")):
         if not levels:
