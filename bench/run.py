@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from redis import Redis
@@ -227,7 +228,8 @@ class Bench:
             fsync=True,
             options={
                 "shared_preload_libraries": "pg_stat_statements",
-                # --profile: planning time per statement too (what a cached plan saves).
+                # Planning time per statement too, for --profile (what a cached plan would
+                # save); on in every run, so that runs with and without it compare.
                 "pg_stat_statements.track_planning": "on",
             },
         )
@@ -322,27 +324,28 @@ class Bench:
             ).scalar_one()
         return commands, float(xacts)
 
-    def statements(
-        self, *, reset: bool = False, top: int = 8
-    ) -> list[tuple[float, float, int, str]]:
-        """The statements that read the most pages into shared buffers since the last
-        reset (pg_stat_statements, as the superuser): pages read, ms, calls, query."""
+    def _statement_stats(self, query: str, **params: object) -> list[Any]:
+        """Rows of pg_stat_statements (as the superuser, the extension made if missing)."""
         engine = create_engine(self.postgres.url(role="admin"))
         try:
             with engine.begin() as conn:
                 conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
-                if reset:
-                    conn.execute(text("SELECT pg_stat_statements_reset()"))
-                    return []
-                rows = conn.execute(
-                    text(
-                        "SELECT shared_blks_read, total_exec_time, calls, query "
-                        "FROM pg_stat_statements ORDER BY shared_blks_read DESC LIMIT :n"
-                    ),
-                    {"n": top},
-                ).all()
+                return list(conn.execute(text(query), params).all())
         finally:
             engine.dispose()
+
+    def statements(self, *, reset: bool = False, top: int = 8) -> list[Reader]:
+        """The statements that read the most pages into shared buffers since the last
+        reset (pg_stat_statements): pages read, ms, calls, query. ``reset``: forget
+        what was counted so far instead."""
+        if reset:
+            self._statement_stats("SELECT pg_stat_statements_reset()")
+            return []
+        rows = self._statement_stats(
+            "SELECT shared_blks_read, total_exec_time, calls, query "
+            "FROM pg_stat_statements ORDER BY shared_blks_read DESC LIMIT :n",
+            n=top,
+        )
         return [(float(r[0]), float(r[1]), int(r[2]), " ".join(r[3].split())) for r in rows]
 
     def redis_commands(self) -> dict[str, int]:
@@ -353,19 +356,12 @@ class Bench:
     def statement_times(self, done: int, top: int = 15) -> str:
         """Markdown: the statements that took PostgreSQL the most time since the last
         reset (pg_stat_statements), per operation: calls, planning and execution ms."""
-        engine = create_engine(self.postgres.url(role="admin"))
-        try:
-            with engine.begin() as conn:
-                rows = conn.execute(
-                    text(
-                        "SELECT calls, total_plan_time, total_exec_time, query "
-                        "FROM pg_stat_statements WHERE dbid = "
-                        "(SELECT oid FROM pg_database WHERE datname = 'orders') "
-                        "ORDER BY total_plan_time + total_exec_time DESC"
-                    )
-                ).all()
-        finally:
-            engine.dispose()
+        rows = self._statement_stats(
+            "SELECT calls, total_plan_time, total_exec_time, query "
+            "FROM pg_stat_statements WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = 'orders') "
+            "ORDER BY total_plan_time + total_exec_time DESC"
+        )
         n = max(1, done)
         calls = sum(r.calls for r in rows) / n
         plan = sum(r.total_plan_time for r in rows) / n
