@@ -90,7 +90,8 @@ def _costs(level: Level) -> list[str]:
     return [
         f"- CPU ms per {level.system} ({total:.1f} in all): {cpu}",
         f"- Redis commands per {level.system}: {level.redis_commands:.1f}; "
-        f"database transactions: {level.db_transactions:.2f}",
+        f"database transactions: {level.db_transactions:.2f}; "
+        f"database connections opened: {level.db_sessions:.3f}",
         f"- peak memory (MiB): {mem}",
     ]
 

@@ -104,6 +104,8 @@ class Level:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     redis_commands: float = 0.0
     db_transactions: float = 0.0
+    #: Database sessions opened per operation (connections made, then closed).
+    db_sessions: float = 0.0
     #: With ``--profile``: the saga level's profile, as markdown (bench.profile).
     profile: str = ""
     #: PostgreSQL's I/O per operation (STORAGE_FIGURES), from its statistics views.
@@ -180,7 +182,12 @@ class Processes:
                     times = proc.cpu_times()
                 except psutil.Error:
                     continue
-                used[group] = used.get(group, 0.0) + times.user + times.system
+                # The children's times hold those of processes that exited and were
+                # reaped (a database connection closed by the pool, a recycled pool
+                # child): without them their CPU would fall out of the figures.
+                used[group] = used.get(group, 0.0) + (
+                    times.user + times.system + times.children_user + times.children_system
+                )
         return used
 
     def _sample(self) -> None:
@@ -313,16 +320,17 @@ class Bench:
         """How far each worker's log has got (where a run's lines begin or end)."""
         return {path: path.stat().st_size for path in (self.base / "logs").glob("worker*.log")}
 
-    def _counters(self) -> tuple[float, float]:
+    def _counters(self) -> tuple[float, float, float]:
+        """Redis commands, database transactions and database sessions opened so far."""
         commands = float(self.broker.info("stats")["total_commands_processed"])
         with self.engine.connect() as conn:
-            xacts = conn.execute(
+            xacts, sessions = conn.execute(
                 text(
-                    "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                    "SELECT xact_commit + xact_rollback, sessions FROM pg_stat_database "
                     "WHERE datname = 'orders'"
                 )
-            ).scalar_one()
-        return commands, float(xacts)
+            ).one()
+        return commands, float(xacts), float(sessions)
 
     def _statement_stats(self, query: str, **params: object) -> list[Any]:
         """Rows of pg_stat_statements (as the superuser, the extension made if missing)."""
@@ -410,9 +418,12 @@ class Bench:
             self.statements(reset=True)
             commands_before = self.redis_commands()
         storage_before = self._storage()
-        cpu_before, (cmd_before, xact_before) = self.processes.cpu(), self._counters()
+        cpu_before, (cmd_before, xact_before, sess_before) = (
+            self.processes.cpu(),
+            self._counters(),
+        )
         level = drive(rate, duration)
-        cpu_after, (cmd_after, xact_after) = self.processes.cpu(), self._counters()
+        cpu_after, (cmd_after, xact_after, sess_after) = self.processes.cpu(), self._counters()
         storage_after = self._storage()
         done = max(1, level.completed)
         level.storage = {k: (storage_after[k] - storage_before[k]) / done for k in storage_after}
@@ -437,6 +448,7 @@ class Bench:
         level.peak_rss_mb = dict(self.processes.peak)
         level.redis_commands = (cmd_after - cmd_before) / done
         level.db_transactions = (xact_after - xact_before) / done
+        level.db_sessions = (sess_after - sess_before) / done
         return level
 
     def bare_chords(self, rate: float, duration: float) -> Level:
@@ -539,7 +551,7 @@ def climb(
                 f"{group} {ms:.1f}"
                 for group, ms in sorted(level.cpu_ms.items(), key=lambda item: -item[1])
             )
-            + f"), {level.db_transactions:.2f} tx/op"
+            + f"), {level.db_transactions:.2f} tx/op, {level.db_sessions:.3f} connections/op"
             + ("" if level.sustained else "  (not sustained)")
         )
         time.sleep(2)  # let the queues drain before the next level
