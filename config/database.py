@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
+import psycopg2  # type: ignore[import-untyped]
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.sql import Executable
 
 from config import tracing
 from config.settings import Settings
@@ -58,8 +64,117 @@ def make_engine(settings: Settings, *, application_name: str = "orders") -> Engi
             "options": timeouts,
         },
     )
+    if settings.db_prepared_statements:
+        engine.dialect.do_execute = _preparing(engine.dialect.do_execute)  # type: ignore[method-assign]
     tracing.instrument_engine(engine)  # each statement a span, when traces are on
     return engine
+
+
+# --- Prepared statements -------------------------------------------------------------
+#
+# PostgreSQL plans a statement each time it runs, unless the statement was prepared on
+# the connection: then, after five runs, it keeps a generic plan if that plan is no
+# costlier than the custom ones. psycopg2 sends every statement as text, so the hot
+# statements are prepared with SQL's PREPARE, on each connection the first time it runs
+# them, and run with EXECUTE from then on. A prepared statement belongs to its session:
+# a new connection (after a restart, a recycle) prepares afresh.
+
+E = TypeVar("E", bound=Executable)
+#: The execution option that asks for a statement to be prepared (``prepared``).
+PREPARED = "prepared"
+#: A placeholder of the driver's (``%(name)s``) or an escaped percent sign.
+_PLACEHOLDER = re.compile(r"%%|%\(([^)]+)\)s")
+_numbers = itertools.count(1)  # names never reused, whichever thread asks first
+#: The key, in a DBAPI connection's ``info``, of its prepared statements' states.
+_ON_CONNECTION = "prepared"
+#: What an EXECUTE fails with when its prepared statement cannot serve any more: the
+#: plan's result changed under it (a migration altered a column it returns), or the
+#: session lost it (``DEALLOCATE``, ``DISCARD ALL``).
+_STALE = frozenset({"0A000", "26000"})
+
+
+@dataclass(frozen=True)
+class _Plan:
+    name: str
+    #: The statement with its parameters numbered, as PREPARE takes it.
+    body: str
+    #: The statement run once prepared.
+    then: str
+
+    @property
+    def first(self) -> str:
+        """The statement prepared and run, in one round trip."""
+        return f"PREPARE {self.name} AS {self.body}; {self.then}"
+
+
+#: A statement's text -> how it runs prepared.
+_plans: dict[str, _Plan] = {}
+
+
+def prepared(statement: E) -> E:
+    """Mark a statement (built once, run often) to run prepared on each connection. Its
+    text must be the same on every run (no IN list of varying length: ``= ANY`` of an
+    array), or each text is prepared apart."""
+    return statement.execution_options(**{PREPARED: True})
+
+
+def _plan_of(sql: str) -> _Plan:
+    """How a statement's text runs prepared: its parameters numbered in the PREPARE
+    ($1, $2... by name), and given by name to the EXECUTE."""
+    plan = _plans.get(sql)
+    if plan is None:
+        order: dict[str, int] = {}
+
+        def number(found: re.Match[str]) -> str:
+            if found.group(1) is None:
+                return "%%"  # the PREPARE goes through the driver's formatting too
+            return f"${order.setdefault(found.group(1), len(order) + 1)}"
+
+        body = _PLACEHOLDER.sub(number, sql)
+        name = f"orders_p{next(_numbers)}"
+        then = f"EXECUTE {name}" + (f"({', '.join(f'%({n})s' for n in order)})" if order else "")
+        plan = _plans.setdefault(sql, _Plan(name, body, then))
+    return plan
+
+
+def _preparing(execute: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a dialect's ``do_execute``: a statement marked ``prepared`` runs as EXECUTE,
+    preparing it first on this connection in the same round trip (``PREPARE ...;
+    EXECUTE ...``). A statement whose PREPARE may or may not have happened (its round
+    trip failed), or whose prepared form cannot serve any more (``_STALE``), runs as
+    sent on that connection from then on. (Wrapping the call, rather than listening for
+    the engine's events, keeps the events' cost off every other statement and leaves
+    errors to the engine as they come.) A prepared statement that cannot serve any more
+    fails as an OperationalError, which the work's retry gets past."""
+
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        if (
+            context is None
+            or not isinstance(parameters, dict)
+            or not context.execution_options.get(PREPARED)
+        ):
+            return execute(cursor, statement, parameters, context)
+        plan = _plan_of(statement)
+        states: dict[str, bool] = context.root_connection.connection.info.setdefault(
+            _ON_CONNECTION, {}
+        )
+        state = states.get(plan.name)
+        if state is False:
+            return execute(cursor, statement, parameters, context)
+        try:
+            execute(cursor, plan.then if state else plan.first, parameters, context)
+        except BaseException as exc:
+            if not state:
+                states[plan.name] = False
+            elif getattr(exc, "pgcode", None) in _STALE:
+                states[plan.name] = False
+                # Transient (config.faults): the work's retry runs the statement as sent.
+                raise psycopg2.OperationalError(f"prepared statement {plan.name}: {exc}") from exc
+            raise
+        states[plan.name] = True
+        return None
+
+    return do_execute
 
 
 #: What each open ``transaction`` asked to run after its commit.

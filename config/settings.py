@@ -97,6 +97,11 @@ class Settings:
     #: A session idle inside a transaction this long is ended by the server, which
     #: releases its locks.
     db_idle_in_transaction_seconds: float = 60.0
+    #: The hot statements run prepared on each connection (their plans kept); off
+    #: (DB_PREPARED_STATEMENTS=0) behind a pooler that shares server connections
+    #: between transactions (PgBouncer's transaction mode), where a statement prepared
+    #: on one server connection is unknown on the next.
+    db_prepared_statements: bool = True
     #: Retries of a task after its first attempt, for transient errors.
     task_max_retries: int = 8
     #: Retry delays double from this many seconds...
@@ -452,6 +457,14 @@ def _cache_url(given: str | None, broker_url: str) -> str | None:
     return broker_url
 
 
+def _one_or_zero(env: Mapping[str, str], name: str, default: str) -> bool:
+    """A switch: 1 on, 0 off; anything else is a ConfigError (not a silent default)."""
+    value = env.get(name, default).strip()
+    if value not in ("0", "1"):
+        raise ConfigError(f"{name} must be 1 or 0, not {value!r}")
+    return value == "1"
+
+
 def _off(disabled: str | None) -> bool:
     """OTEL_SDK_DISABLED, as the SDK reads it: "true" (any case) turns it off."""
     return (disabled or "").strip().lower() == "true"
@@ -510,6 +523,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_idle_in_transaction_seconds=_number(
             env, "DB_IDLE_IN_TRANSACTION_SECONDS", float, d.db_idle_in_transaction_seconds
         ),
+        db_prepared_statements=_one_or_zero(env, "DB_PREPARED_STATEMENTS", "1"),
         max_redeliveries=_number(env, "MAX_REDELIVERIES", int, d.max_redeliveries),
         max_message_bytes=_number(env, "MAX_MESSAGE_BYTES", int, d.max_message_bytes),
         task_max_retries=_number(env, "TASK_MAX_RETRIES", int, d.task_max_retries),

@@ -14,6 +14,7 @@ from decimal import Decimal
 from sqlalchemy import Connection, Numeric, String, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from config.database import prepared
 from orders.tables import customers
 
 _c = customers.c
@@ -21,14 +22,14 @@ _amount = bindparam("amount", type_=Numeric(14, 2))
 #: A customer's figures, as CreditFigures takes them.
 FIGURES = (_c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version)
 
-_RESERVE = (
+_RESERVE = prepared(
     update(customers)
     .where(_c.id == bindparam("account"))
     .where(_c.credit_limit - _c.credit_used - _c.credit_reserved >= _amount)
     .values(credit_reserved=_c.credit_reserved + _amount, credit_version=_c.credit_version + 1)
     .returning(*FIGURES)
 )
-_RELEASE = (
+_RELEASE = prepared(
     update(customers)
     .where(_c.id == bindparam("account"))
     .values(credit_reserved=_c.credit_reserved - _amount, credit_version=_c.credit_version + 1)

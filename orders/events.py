@@ -44,7 +44,7 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, Uuid, bindparam, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
-from config.database import single_statements, transaction
+from config.database import prepared, single_statements, transaction
 from orders.tables import (
     consumer_checkpoints,
     consumer_checks,
@@ -124,7 +124,17 @@ class Tally:
 
 
 _COLUMNS = (_e.id, _e.order_id, _e.seq, _e.type, _e.payload, _e.occurred_at)
-_FEED = select(*_COLUMNS).where(_e.id > bindparam("after")).order_by(_e.id).limit(bindparam("n"))
+_FEED = prepared(
+    select(*_COLUMNS).where(_e.id > bindparam("after")).order_by(_e.id).limit(bindparam("n"))
+)
+#: The newest event's id (0 for none).
+_NEWEST = prepared(select(func.coalesce(func.max(_e.id), 0)))
+#: How many events are past a checkpoint.
+_PAST = prepared(select(func.count()).select_from(order_events).where(_e.id > bindparam("after")))
+_CHECKPOINT = select(_k.last_id).where(_k.consumer == bindparam("consumer"))
+#: A consumer's checkpoint, its row locked, waiting for the lock or not.
+_LOCK_CHECKPOINT = prepared(_CHECKPOINT.with_for_update())
+_TRY_CHECKPOINT = prepared(_CHECKPOINT.with_for_update(skip_locked=True))
 _POSITIONS = (
     select(_p.order_id, _p.last_seq)
     .where(_p.consumer == bindparam("consumer"))
@@ -482,27 +492,22 @@ def check_all(
 def newest(engine: Engine) -> int:
     """The id of the newest event (0 for none): one index lookup, to skip idle passes."""
     with single_statements(engine) as conn:
-        return int(conn.execute(select(func.coalesce(func.max(_e.id), 0))).scalar_one())
+        return int(conn.execute(_NEWEST).scalar_one())
 
 
 def lag(engine: Engine, consumer_name: str) -> int:
     """Events in the feed past the consumer's checkpoint (not yet applied)."""
     with single_statements(engine) as conn:
-        checkpoint = conn.execute(select(_k.last_id).where(_k.consumer == consumer_name)).scalar()
-        return int(
-            conn.execute(
-                select(func.count()).select_from(order_events).where(_e.id > (checkpoint or 0))
-            ).scalar_one()
-        )
+        checkpoint = conn.execute(_CHECKPOINT, {"consumer": consumer_name}).scalar()
+        return int(conn.execute(_PAST, {"after": checkpoint or 0}).scalar_one())
 
 
 def _lock_checkpoint(conn: Connection, name: str, *, wait: bool) -> int | None:
     """The consumer's checkpoint, its row locked (made at 0 the first time); None when
     another instance holds the lock and ``wait`` is off. A row that exists (every pass
     but a consumer's first) costs one statement."""
-    query = select(_k.last_id).where(_k.consumer == name)
-    query = query.with_for_update() if wait else query.with_for_update(skip_locked=True)
-    checkpoint: int | None = conn.execute(query).scalar()
+    query = _LOCK_CHECKPOINT if wait else _TRY_CHECKPOINT
+    checkpoint: int | None = conn.execute(query, {"consumer": name}).scalar()
     if checkpoint is not None:
         return checkpoint
     conn.execute(
@@ -510,5 +515,5 @@ def _lock_checkpoint(conn: Connection, name: str, *, wait: bool) -> int | None:
         .values(consumer=name, last_id=0, updated_at=datetime.now(UTC))
         .on_conflict_do_nothing()
     )
-    checkpoint = conn.execute(query).scalar()
+    checkpoint = conn.execute(query, {"consumer": name}).scalar()
     return checkpoint

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, Integer, String, Update, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from config.database import prepared
 from orders.tables import products
 
 #: (product id, quantity) pairs with distinct product ids.
@@ -25,20 +26,24 @@ _lines = (
     .render_derived()
 )
 
-_RESERVE_ONE = (
+_RESERVE_ONE = prepared(
     update(products)
     .where(_p.id == bindparam("product_id"))
     .where(_p.on_hand - _p.reserved >= bindparam("quantity"))
     .values(reserved=_p.reserved + bindparam("quantity"))
 )
-_LOCK_AVAILABLE = (
+_LOCK_AVAILABLE = prepared(
     select(_p.id, _p.on_hand - _p.reserved)
     .where(_p.id == func.any(bindparam("ids", type_=ARRAY(String))))
     .order_by(_p.id)
     .with_for_update()
 )
-_RESERVE = update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved + _lines.c.qty)
-_RELEASE = update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved - _lines.c.qty)
+_RESERVE = prepared(
+    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved + _lines.c.qty)
+)
+_RELEASE = prepared(
+    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved - _lines.c.qty)
+)
 #: Reserved units become units gone (on hand and reserved both drop); used by
 #: ``orders.services.confirm_order`` inside its single statement.
 COMMIT = (

@@ -34,11 +34,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 
-from config.database import single_statements
+from config.database import prepared, single_statements
 from orders.tables import api_keys, customers
 
 PREFIX = "osk"
@@ -46,6 +46,14 @@ PREFIX = "osk"
 INSUFFICIENT_PRIVILEGE = "42501"
 #: A key as presented: ``osk_<id>_<secret>``.
 _KEY = re.compile(r"^osk_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
+
+
+#: A valid key's record, by its id.
+_LOOKUP = prepared(
+    select(api_keys.c.name, api_keys.c.role, api_keys.c.customers, api_keys.c.secret_hash)
+    .where(api_keys.c.id == bindparam("key_id"))
+    .where(api_keys.c.revoked_at.is_(None))
+)
 
 
 class Role(StrEnum):
@@ -107,11 +115,7 @@ def authenticate(engine: Engine, key: str) -> Principal | None:
     if key_id is None:
         return None
     with single_statements(engine) as conn:  # one round trip: every request pays it
-        row = conn.execute(
-            select(api_keys.c.name, api_keys.c.role, api_keys.c.customers, api_keys.c.secret_hash)
-            .where(api_keys.c.id == key_id)
-            .where(api_keys.c.revoked_at.is_(None))
-        ).first()
+        row = conn.execute(_LOOKUP, {"key_id": key_id}).first()
     if row is None or not hmac.compare_digest(row.secret_hash, digest(key)):
         return None
     scope = None if row.customers is None else frozenset(row.customers)

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from config.database import prepared
 from config.failpoints import failpoint
 from config.ids import new_id
 from config.logs import bind_log_context
@@ -100,17 +101,19 @@ _lines_written = (
     )
     .cte("lines_written")
 )
-_INSERT_ORDER = insert(order_events).from_select(
-    ["order_id", "seq", "type", "payload", "occurred_at", "placed_at"],
-    select(
-        _new_order.c.id,
-        literal(1),
-        literal(EventType.ORDER_PLACED.value),
-        bindparam("placed", type_=JSONB),
-        bindparam("now"),
-        # The order's created_at: the events' partition key.
-        bindparam("now"),
-    ).add_cte(_lines_written),
+_INSERT_ORDER = prepared(
+    insert(order_events).from_select(
+        ["order_id", "seq", "type", "payload", "occurred_at", "placed_at"],
+        select(
+            _new_order.c.id,
+            literal(1),
+            literal(EventType.ORDER_PLACED.value),
+            bindparam("placed", type_=JSONB),
+            bindparam("now"),
+            # The order's created_at: the events' partition key.
+            bindparam("now"),
+        ).add_cte(_lines_written),
+    )
 )
 
 #: A legal status change and its event, in one statement: no row when not legal. (An
@@ -154,13 +157,24 @@ _MOVE = (
 _stock_committed = inventory.COMMIT.returning(products.c.id).cte("stock_committed")
 _credit_committed = credit.COMMIT.returning(*credit.FIGURES).cte("credit_committed")
 _confirmed = _MOVE.cte("confirmed")
-_CONFIRM = select(
-    select(func.count()).select_from(_stock_committed).scalar_subquery().label("stock"),
-    select(func.count()).select_from(_credit_committed).scalar_subquery().label("credit"),
-    select(_confirmed.c.seq).scalar_subquery().label("seq"),
-    # The customer's new credit figures (for the credit cache).
-    *(select(c).scalar_subquery().label(c.name) for c in _credit_committed.c),
+_CONFIRM = prepared(
+    select(
+        select(func.count()).select_from(_stock_committed).scalar_subquery().label("stock"),
+        select(func.count()).select_from(_credit_committed).scalar_subquery().label("credit"),
+        select(_confirmed.c.seq).scalar_subquery().label("seq"),
+        # The customer's new credit figures (for the credit cache).
+        *(select(c).scalar_subquery().label(c.name) for c in _credit_committed.c),
+    )
 )
+#: The unit price of each product ordered, and whether the customer is known.
+_PRICES = prepared(
+    select(
+        products.c.id,
+        products.c.unit_price,
+        exists().where(customers.c.id == bindparam("customer_id")).label("customer_known"),
+    ).where(products.c.id == func.any(bindparam("ids", type_=ARRAY(String))))
+)
+_CUSTOMER_KNOWN = select(exists().where(customers.c.id == bindparam("customer_id")))
 
 
 @dataclass(frozen=True)
@@ -393,13 +407,14 @@ def _move_parameters(
 
 def _prices_of_known_products(conn: Connection, cmd: PlaceOrder) -> dict[str, Decimal]:
     """The unit price of each product ordered; InvalidOrderError names what is unknown."""
-    customer_known = exists().where(customers.c.id == cmd.customer_id)
     rows = conn.execute(
-        select(products.c.id, products.c.unit_price, customer_known.label("customer_known")).where(
-            products.c.id.in_([line.product_id for line in cmd.lines])
-        )
+        _PRICES, {"customer_id": cmd.customer_id, "ids": [line.product_id for line in cmd.lines]}
     ).all()
-    known = rows[0].customer_known if rows else conn.execute(select(customer_known)).scalar_one()
+    known = (
+        rows[0].customer_known
+        if rows
+        else conn.execute(_CUSTOMER_KNOWN, {"customer_id": cmd.customer_id}).scalar_one()
+    )
     errors: list[dict[str, Any]] = []
     if not known:
         errors.append({"loc": "customer_id", "msg": f"unknown customer {cmd.customer_id!r}"})

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, bindparam, case, delete, insert, literal, sel
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from config.database import prepared
 from sagas.engine import ACTIVE_STATES, SagaState, StepOutcome, StepStatus
 from sagas.tables import outbox, saga_steps, sagas
 
@@ -41,27 +42,29 @@ class LockedSaga:
 _s, _st = sagas.c, saga_steps.c
 
 #: A new saga and its outbox entry, in one statement.
-_CREATE = insert(outbox).from_select(
-    ["saga_id", "created_at"],
-    select(
-        insert(sagas)
-        .values(
-            id=bindparam("saga_id"),
-            name=bindparam("name"),
-            version=bindparam("version"),
-            state=SagaState.RUNNING.value,
-            payload=bindparam("payload", type_=JSONB),
-            deadline_at=bindparam("deadline_at"),
-            created_at=bindparam("now"),
-            trace_context=bindparam("trace_context"),
-        )
-        .returning(_s.id)
-        .cte("new_saga")
-        .c.id,
-        bindparam("now"),
-    ),
+_CREATE = prepared(
+    insert(outbox).from_select(
+        ["saga_id", "created_at"],
+        select(
+            insert(sagas)
+            .values(
+                id=bindparam("saga_id"),
+                name=bindparam("name"),
+                version=bindparam("version"),
+                state=SagaState.RUNNING.value,
+                payload=bindparam("payload", type_=JSONB),
+                deadline_at=bindparam("deadline_at"),
+                created_at=bindparam("now"),
+                trace_context=bindparam("trace_context"),
+            )
+            .returning(_s.id)
+            .cte("new_saga")
+            .c.id,
+            bindparam("now"),
+        ),
+    )
 )
-_RECORD_STEP = (
+_RECORD_STEP = prepared(
     pg_insert(saga_steps)
     .values(
         saga_id=bindparam("saga_id"),
@@ -85,7 +88,7 @@ _REDELIVERED = (
     .values(attempts=_st.attempts + 1)
     .returning(_st.status, _st.reason)
 )
-_LOCK = (
+_LOCK = prepared(
     select(
         _s.name,
         _s.version,
@@ -106,7 +109,7 @@ _LOCK = (
     # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
     .with_for_update(of=sagas, key_share=True)
 )
-_FINISH = (
+_FINISH = prepared(
     update(sagas)
     .where(_s.id == bindparam("saga_id"))
     .where(_s.state.in_([state.value for state in ACTIVE_STATES]))

@@ -107,6 +107,7 @@ def test_admission_control_is_on_except_under_tests_unless_told() -> None:
         ({"ADMISSION_MAX_BACKLOG": "some"}, "ADMISSION_MAX_BACKLOG"),
         ({"EVENTS_POLL_SECONDS": "0"}, "EVENTS_POLL_SECONDS"),
         ({"EVENTS_BATCH_SECONDS": "-0.1"}, "EVENTS_BATCH_SECONDS"),
+        ({"DB_PREPARED_STATEMENTS": "false"}, "DB_PREPARED_STATEMENTS must be 1 or 0"),
     ],
 )
 def test_refuses_malformed_limits(environ: dict[str, str], message: str) -> None:
@@ -140,3 +141,9 @@ def test_refuses_a_negative_retention_or_an_empty_batch(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ)
+
+
+def test_statements_run_prepared_unless_a_pooler_in_front_says_otherwise() -> None:
+    assert load_settings({}).db_prepared_statements
+    assert load_settings({"DB_PREPARED_STATEMENTS": "1"}).db_prepared_statements
+    assert not load_settings({"DB_PREPARED_STATEMENTS": "0"}).db_prepared_statements
