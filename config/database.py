@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -84,7 +84,7 @@ E = TypeVar("E", bound=Executable)
 PREPARED = "prepared"
 #: A placeholder of the driver's (``%(name)s``) or an escaped percent sign.
 _PLACEHOLDER = re.compile(r"%%|%\(([^)]+)\)s")
-_numbers = itertools.count(1)  # names never reused, whichever thread asks first
+_naming = threading.Lock()  # one name per text, whichever thread asks first
 #: The key, in a DBAPI connection's ``info``, of its prepared statements' states.
 _ON_CONNECTION = "prepared"
 #: What an EXECUTE fails with when its prepared statement cannot serve any more: the
@@ -100,6 +100,8 @@ class _Plan:
     body: str
     #: The statement run once prepared.
     then: str
+    #: The name the statement was marked with.
+    given: str
 
     @property
     def first(self) -> str:
@@ -111,16 +113,20 @@ class _Plan:
 _plans: dict[str, _Plan] = {}
 
 
-def prepared(statement: E) -> E:
-    """Mark a statement (built once, run often) to run prepared on each connection. Its
-    text must be the same on every run (no IN list of varying length: ``= ANY`` of an
-    array), or each text is prepared apart."""
-    return statement.execution_options(**{PREPARED: True})
+def prepared(name: str, statement: E) -> E:
+    """Mark a statement (built once, run often) to run prepared on each connection, as
+    ``name`` (what ``pg_stat_activity`` shows while it runs: ``EXECUTE name(...)``).
+    Its text must be the same on every run (no IN list of varying length: ``= ANY`` of
+    an array), or each text is prepared apart."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,50}", name):
+        raise ValueError(f"a prepared statement's name is a lowercase identifier, not {name!r}")
+    return statement.execution_options(**{PREPARED: name})
 
 
-def _plan_of(sql: str) -> _Plan:
+def _plan_of(sql: str, name: str = "statement") -> _Plan:
     """How a statement's text runs prepared: its parameters numbered in the PREPARE
-    ($1, $2... by name), and given by name to the EXECUTE."""
+    ($1, $2... by name), and given by name to the EXECUTE. A name given to a second
+    text gets a number."""
     plan = _plans.get(sql)
     if plan is None:
         order: dict[str, int] = {}
@@ -131,9 +137,13 @@ def _plan_of(sql: str) -> _Plan:
             return f"${order.setdefault(found.group(1), len(order) + 1)}"
 
         body = _PLACEHOLDER.sub(number, sql)
-        name = f"orders_p{next(_numbers)}"
-        then = f"EXECUTE {name}" + (f"({', '.join(f'%({n})s' for n in order)})" if order else "")
-        plan = _plans.setdefault(sql, _Plan(name, body, then))
+        with _naming:
+            taken = sum(1 for known in _plans.values() if known.given == name)
+            label = name if not taken else f"{name}_{taken + 1}"
+            then = f"EXECUTE {label}" + (
+                f"({', '.join(f'%({n})s' for n in order)})" if order else ""
+            )
+            plan = _plans.setdefault(sql, _Plan(label, body, then, name))
     return plan
 
 
@@ -154,7 +164,7 @@ def _preparing(execute: Callable[..., None]) -> Callable[..., None]:
             or not context.execution_options.get(PREPARED)
         ):
             return execute(cursor, statement, parameters, context)
-        plan = _plan_of(statement)
+        plan = _plan_of(statement, context.execution_options[PREPARED])
         states: dict[str, bool] = context.root_connection.connection.info.setdefault(
             _ON_CONNECTION, {}
         )

@@ -23,17 +23,19 @@ _amount = bindparam("amount", type_=Numeric(14, 2))
 FIGURES = (_c.id, _c.credit_limit, _c.credit_used, _c.credit_reserved, _c.credit_version)
 
 _RESERVE = prepared(
+    "reserve_credit",
     update(customers)
     .where(_c.id == bindparam("account"))
     .where(_c.credit_limit - _c.credit_used - _c.credit_reserved >= _amount)
     .values(credit_reserved=_c.credit_reserved + _amount, credit_version=_c.credit_version + 1)
-    .returning(*FIGURES)
+    .returning(*FIGURES),
 )
 _RELEASE = prepared(
+    "release_credit",
     update(customers)
     .where(_c.id == bindparam("account"))
     .values(credit_reserved=_c.credit_reserved - _amount, credit_version=_c.credit_version + 1)
-    .returning(*FIGURES)
+    .returning(*FIGURES),
 )
 #: A refund: credit used goes down by the order's amount (never below nothing).
 _RETURN = (

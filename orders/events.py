@@ -125,16 +125,19 @@ class Tally:
 
 _COLUMNS = (_e.id, _e.order_id, _e.seq, _e.type, _e.payload, _e.occurred_at)
 _FEED = prepared(
-    select(*_COLUMNS).where(_e.id > bindparam("after")).order_by(_e.id).limit(bindparam("n"))
+    "event_feed",
+    select(*_COLUMNS).where(_e.id > bindparam("after")).order_by(_e.id).limit(bindparam("n")),
 )
 #: The newest event's id (0 for none).
-_NEWEST = prepared(select(func.coalesce(func.max(_e.id), 0)))
+_NEWEST = prepared("newest_event", select(func.coalesce(func.max(_e.id), 0)))
 #: How many events are past a checkpoint.
-_PAST = prepared(select(func.count()).select_from(order_events).where(_e.id > bindparam("after")))
+_PAST = prepared(
+    "events_past", select(func.count()).select_from(order_events).where(_e.id > bindparam("after"))
+)
 _CHECKPOINT = select(_k.last_id).where(_k.consumer == bindparam("consumer"))
 #: A consumer's checkpoint, its row locked, waiting for the lock or not.
-_LOCK_CHECKPOINT = prepared(_CHECKPOINT.with_for_update())
-_TRY_CHECKPOINT = prepared(_CHECKPOINT.with_for_update(skip_locked=True))
+_LOCK_CHECKPOINT = prepared("lock_checkpoint", _CHECKPOINT.with_for_update())
+_TRY_CHECKPOINT = prepared("try_lock_checkpoint", _CHECKPOINT.with_for_update(skip_locked=True))
 _POSITIONS = (
     select(_p.order_id, _p.last_seq)
     .where(_p.consumer == bindparam("consumer"))

@@ -27,22 +27,26 @@ _lines = (
 )
 
 _RESERVE_ONE = prepared(
+    "reserve_stock_one",
     update(products)
     .where(_p.id == bindparam("product_id"))
     .where(_p.on_hand - _p.reserved >= bindparam("quantity"))
-    .values(reserved=_p.reserved + bindparam("quantity"))
+    .values(reserved=_p.reserved + bindparam("quantity")),
 )
 _LOCK_AVAILABLE = prepared(
+    "lock_stock",
     select(_p.id, _p.on_hand - _p.reserved)
     .where(_p.id == func.any(bindparam("ids", type_=ARRAY(String))))
     .order_by(_p.id)
-    .with_for_update()
+    .with_for_update(),
 )
 _RESERVE = prepared(
-    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved + _lines.c.qty)
+    "reserve_stock",
+    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved + _lines.c.qty),
 )
 _RELEASE = prepared(
-    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved - _lines.c.qty)
+    "release_stock",
+    update(products).where(_p.id == _lines.c.id).values(reserved=_p.reserved - _lines.c.qty),
 )
 #: Reserved units become units gone (on hand and reserved both drop); used by
 #: ``orders.services.confirm_order`` inside its single statement.

@@ -50,9 +50,10 @@ _KEY = re.compile(r"^osk_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 
 #: A valid key's record, by its id.
 _LOOKUP = prepared(
+    "api_key",
     select(api_keys.c.name, api_keys.c.role, api_keys.c.customers, api_keys.c.secret_hash)
     .where(api_keys.c.id == bindparam("key_id"))
-    .where(api_keys.c.revoked_at.is_(None))
+    .where(api_keys.c.revoked_at.is_(None)),
 )
 
 

@@ -102,6 +102,7 @@ _lines_written = (
     .cte("lines_written")
 )
 _INSERT_ORDER = prepared(
+    "accept_order",
     insert(order_events).from_select(
         ["order_id", "seq", "type", "payload", "occurred_at", "placed_at"],
         select(
@@ -113,7 +114,7 @@ _INSERT_ORDER = prepared(
             # The order's created_at: the events' partition key.
             bindparam("now"),
         ).add_cte(_lines_written),
-    )
+    ),
 )
 
 #: A legal status change and its event, in one statement: no row when not legal. (An
@@ -158,21 +159,23 @@ _stock_committed = inventory.COMMIT.returning(products.c.id).cte("stock_committe
 _credit_committed = credit.COMMIT.returning(*credit.FIGURES).cte("credit_committed")
 _confirmed = _MOVE.cte("confirmed")
 _CONFIRM = prepared(
+    "confirm_order",
     select(
         select(func.count()).select_from(_stock_committed).scalar_subquery().label("stock"),
         select(func.count()).select_from(_credit_committed).scalar_subquery().label("credit"),
         select(_confirmed.c.seq).scalar_subquery().label("seq"),
         # The customer's new credit figures (for the credit cache).
         *(select(c).scalar_subquery().label(c.name) for c in _credit_committed.c),
-    )
+    ),
 )
 #: The unit price of each product ordered, and whether the customer is known.
 _PRICES = prepared(
+    "order_prices",
     select(
         products.c.id,
         products.c.unit_price,
         exists().where(customers.c.id == bindparam("customer_id")).label("customer_known"),
-    ).where(products.c.id == func.any(bindparam("ids", type_=ARRAY(String))))
+    ).where(products.c.id == func.any(bindparam("ids", type_=ARRAY(String)))),
 )
 _CUSTOMER_KNOWN = select(exists().where(customers.c.id == bindparam("customer_id")))
 

@@ -43,6 +43,7 @@ _s, _st = sagas.c, saga_steps.c
 
 #: A new saga and its outbox entry, in one statement.
 _CREATE = prepared(
+    "create_saga",
     insert(outbox).from_select(
         ["saga_id", "created_at"],
         select(
@@ -62,9 +63,10 @@ _CREATE = prepared(
             .c.id,
             bindparam("now"),
         ),
-    )
+    ),
 )
 _RECORD_STEP = prepared(
+    "record_step",
     pg_insert(saga_steps)
     .values(
         saga_id=bindparam("saga_id"),
@@ -76,7 +78,7 @@ _RECORD_STEP = prepared(
         attempts=bindparam("attempts"),
     )
     .on_conflict_do_nothing()
-    .returning(literal(1))
+    .returning(literal(1)),
 )
 _READ_STEP = select(_st.status, _st.reason).where(
     _st.saga_id == bindparam("saga_id"), _st.step == bindparam("step")
@@ -89,6 +91,7 @@ _REDELIVERED = (
     .returning(_st.status, _st.reason)
 )
 _LOCK = prepared(
+    "lock_saga",
     select(
         _s.name,
         _s.version,
@@ -107,9 +110,10 @@ _LOCK = prepared(
     .outerjoin(saga_steps, _st.saga_id == _s.id)
     .where(_s.id == bindparam("saga_id"))
     # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
-    .with_for_update(of=sagas, key_share=True)
+    .with_for_update(of=sagas, key_share=True),
 )
 _FINISH = prepared(
+    "finish_saga",
     update(sagas)
     .where(_s.id == bindparam("saga_id"))
     .where(_s.state.in_([state.value for state in ACTIVE_STATES]))
@@ -118,7 +122,7 @@ _FINISH = prepared(
         reason=bindparam("reason"),
         error=None,
         finished_at=bindparam("now"),
-    )
+    ),
 )
 
 

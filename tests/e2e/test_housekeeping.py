@@ -34,7 +34,9 @@ def check_waiting(engine: Engine) -> bool:
             conn.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%FROM consumer_checkpoints%FOR UPDATE%'"
+                    " AND (query LIKE '%FROM consumer_checkpoints%FOR UPDATE%'"
+                    # prepared (config.database.prepared): its name shows
+                    " OR query LIKE 'EXECUTE lock_checkpoint(%')"
                 )
             ).scalar()
         )

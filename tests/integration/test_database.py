@@ -70,13 +70,16 @@ def test_each_statement_is_its_own_transaction(one_connection: Engine) -> None:
 
 #: A product's stock by id: the parameter twice (one $1) and a literal percent sign.
 _STOCK = prepared(
+    "test_stock",
     select(
         products.c.on_hand,
         (literal_column("'100%'", String) + cast(bindparam("id"), String)).label("tag"),
-    ).where(products.c.id == bindparam("id"))
+    ).where(products.c.id == bindparam("id")),
 )
 #: A division whose divisor the caller picks: zero fails after the statement is prepared.
-_RATIO = prepared(select(bindparam("on_hand", type_=Integer) / bindparam("by", type_=Integer)))
+_RATIO = prepared(
+    "test_ratio", select(bindparam("on_hand", type_=Integer) / bindparam("by", type_=Integer))
+)
 
 
 @pytest.fixture
@@ -91,8 +94,8 @@ def single_pool(settings: Settings) -> Iterator[Engine]:
 def _prepared_here(conn: Connection) -> list[Any]:
     return conn.execute(
         text(
-            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
-            "WHERE name LIKE 'orders_p%' AND statement LIKE '%on_hand%'"
+            "SELECT name, statement, generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%on_hand%'"
         )
     ).all()
 
@@ -109,6 +112,7 @@ def test_a_prepared_statement_keeps_its_plan_on_the_connection(
     assert tuple(row) == (7, f"100%{product}")
     with single_pool.connect() as conn:
         (kept,) = [p for p in _prepared_here(conn) if "100%" in p.statement]
+    assert kept.name == "test_stock"  # what pg_stat_activity shows: EXECUTE test_stock(...)
     # Planned for each of the first runs, then the plan kept is used.
     assert kept.generic_plans >= 1
     assert kept.custom_plans + kept.generic_plans == 8
@@ -211,7 +215,7 @@ def test_a_statement_whose_result_a_migration_changed_fails_once_transiently(
         conn.execute(text("INSERT INTO prepared_probe VALUES (1, 41)"))
         conn.execute(text(f'GRANT SELECT ON prepared_probe TO "{single_pool.url.username}"'))
     probe = table("prepared_probe", column("id", Integer), column("n", Integer))
-    read = prepared(select(probe.c.n).where(probe.c.id == bindparam("id")))
+    read = prepared("test_probe", select(probe.c.n).where(probe.c.id == bindparam("id")))
     try:
         with single_pool.connect() as conn:
             assert conn.execute(read, {"id": 1}).scalar_one() == 41
