@@ -714,6 +714,8 @@ def canary(
     """After the last fault, new orders must complete within 10 s (no stuck consumer)."""
     customer = f"CANARY-{plan.seed}-{uuid.uuid4().hex[:6]}"
     product = f"CANARY-{uuid.uuid4().hex[:6]}"
+    # The last fault may have ended the checker's own pooled connections too: start afresh.
+    engine.dispose()
     with engine.begin() as conn:
         conn.execute(insert(customers).values(id=customer, name=customer, credit_limit=1000))
         conn.execute(insert(products).values(id=product, name=product, unit_price=1, on_hand=100))
