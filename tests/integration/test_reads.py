@@ -455,7 +455,13 @@ def test_the_details_cache_stays_within_its_redis_memory_and_a_broker_redis_is_r
             )
         memory = cache.redis.info("memory")
         assert memory["used_memory"] <= 3 * 1024 * 1024  # the limit and Redis's own
-        assert cache.get(DETAILS, ["39-499"])["39-499"].value["lines"] == [line] * 4
+        # Still serving what was written last. Redis's LRU is approximate (it evicts the
+        # oldest of a few sampled keys, on a clock of one-second ticks, and all of this
+        # takes less than a second), so keys of the newest batch go too: most stay.
+        newest = [f"39-{i}" for i in range(500)]
+        found = cache.get(DETAILS, newest)
+        assert len(found) >= 250, len(found)
+        assert all(entry.value["lines"] == [line] * 4 for entry in found.values())
         cache.redis.close()
     finally:
         small.stop()
