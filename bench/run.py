@@ -843,11 +843,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--saga-join",
         choices=(*SAGA_JOINS, "both"),
-        default="chord",
-        help="how the API joins a saga's steps (SAGA_JOIN); both: the chord's stack with "
-        "the bare chord, then a stack with the database join, in one report",
+        default=None,
+        help="how the API joins a saga's steps (SAGA_JOIN); both (the default, but for "
+        "--scaling and --history: chord): the chord's stack with the bare chord, then a "
+        "stack with the database join, in one report",
     )
     args = parser.parse_args(argv)
+    if args.saga_join is None:
+        args.saga_join = "chord" if args.scaling or args.history else "both"
     rates = [float(r) for r in args.rates.split(",")]
     if args.scaling:
         if args.saga_join == "both":
