@@ -87,10 +87,11 @@ _PLACEHOLDER = re.compile(r"%%|%\(([^)]+)\)s")
 _naming = threading.Lock()  # one name per text, whichever thread asks first
 #: The key, in a DBAPI connection's ``info``, of its prepared statements' states.
 _ON_CONNECTION = "prepared"
-#: What an EXECUTE fails with when its prepared statement cannot serve any more: the
-#: plan's result changed under it (a migration altered a column it returns), or the
-#: session lost it (``DEALLOCATE``, ``DISCARD ALL``).
-_STALE = frozenset({"0A000", "26000"})
+#: What a prepared statement fails with when the session is not what it was: the plan's
+#: result changed under it (a migration altered a column it returns), the session lost
+#: it (``DEALLOCATE``, ``DISCARD ALL``), or already holds one of its name (a pooler that
+#: hands one server session to several clients, prepared statements left on).
+_STALE = frozenset({"0A000", "26000", "42P05"})
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,10 @@ def _preparing(execute: Callable[..., None]) -> Callable[..., None]:
         try:
             execute(cursor, plan.then if state else plan.first, parameters, context)
         except BaseException as exc:
-            if not state:
+            stale = getattr(exc, "pgcode", None) in _STALE
+            if stale or not state:
                 states[plan.name] = False
-            elif getattr(exc, "pgcode", None) in _STALE:
-                states[plan.name] = False
+            if stale:
                 # Transient (config.faults): the work's retry runs the statement as sent.
                 raise psycopg2.OperationalError(f"prepared statement {plan.name}: {exc}") from exc
             raise

@@ -13,8 +13,9 @@ retries, answers 503 or gives up asks ``is_transient``::
      │    │     SQLSTATE is of class 08 (connection), 40 (rollback), 53 (resources),
      │    │     57P (operator intervention), or 25006 (read-only: a failover under way)
      │    ├── a prepared statement that cannot serve any more (config.database: a
-     │    │     migration changed a column it returns, or the session lost it), raised
-     │    │     as an OperationalError; the retry runs the statement as sent
+     │    │     migration changed a column it returns, the session lost it, or a
+     │    │     pooler's shared session holds its name), raised as an OperationalError;
+     │    │     the retry runs the statement as sent
      │    ├── sqlalchemy.exc.TimeoutError                       no pooled connection free
      │    ├── sqlalchemy.exc.PendingRollbackError of a connection invalidated by its loss
      │    │     (error code 8s2b), and PendingRollbackError or ResourceClosedError raised

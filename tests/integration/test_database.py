@@ -134,6 +134,27 @@ def test_a_new_connection_prepares_afresh(engine: Engine, single_pool: Engine) -
         assert _prepared_here(conn)
 
 
+def test_a_session_that_already_holds_the_name_fails_once_transiently(
+    engine: Engine, single_pool: Engine
+) -> None:
+    """Behind a pooler that hands one server session to several clients (prepared
+    statements left on by mistake), a first run may find the name taken: that fails as
+    a transient error, and the statement runs as sent from then on."""
+    product = add_product(engine, on_hand=5)
+    with single_pool.connect() as conn:
+        conn.execute(_STOCK, {"id": product}).one()
+        name = conn.execute(
+            text("SELECT name FROM pg_prepared_statements WHERE statement LIKE '%100%%'")
+        ).scalar_one()
+        conn.connection.info.clear()  # as a client that never prepared on this session
+    with pytest.raises(DBAPIError) as raised, single_pool.connect() as conn:
+        conn.execute(_STOCK, {"id": product})
+    assert is_transient(raised.value)
+    assert name in str(raised.value)
+    with single_pool.connect() as conn:
+        assert conn.execute(_STOCK, {"id": product}).one().on_hand == 5
+
+
 def test_a_failing_statement_leaves_the_connection_and_the_statement_working(
     single_pool: Engine,
 ) -> None:
