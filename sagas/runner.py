@@ -193,6 +193,127 @@ COMPENSATION_RETRIED = "the compensation failed; it will be retried"
 COMPENSATION_LEFT = "the compensation failed; an operator has been alerted"
 
 
+class _DecideApart(Exception):
+    """Deciding the stage in the step's transaction failed (not transiently): that
+    transaction rolled back, step and all; the step runs again on its own."""
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """What running a step sent alone did: its outcome, and the stage's completion if
+    the step was the stage's last and decided it in its own transaction."""
+
+    outcome: StepOutcome
+    #: The stage's completion, decided with the step; None when it was not the last
+    #: step (or when the stage is still to be completed: ``decided`` False).
+    completion: Completion | None = None
+    #: Whether the stage needs no completion attempt after this step: it was decided
+    #: with the step, or other steps of it have no outcome yet (one of them completes it).
+    decided: bool = False
+
+
+def run_step_and_complete(
+    engine: Engine,
+    saga: SagaHandlers,
+    sagas: Sagas,
+    saga_id: UUID,
+    step: str,
+    payload: Mapping[str, Any],
+    *,
+    attempt: int = 1,
+    delay: float = 0.0,
+    deadline: timedelta = STAGE_DEADLINE,
+) -> StepRun:
+    """Perform one step sent alone (not in a chord) once, and, when its outcome is the
+    last its stage lacked, decide the stage in the same transaction.
+
+    The step locks the saga row before its effect, as a completion does (so locks are
+    taken in one order: the saga, then what the step or the compensations touch), and
+    the steps of one saga take turns: the last to take the lock reads every other
+    outcome in the ledger. One transaction then does what took three (the step, a first
+    completion attempt that finds another step missing, the completion). A step that
+    finds its outcome recorded (a redelivery) changes nothing and returns it, with
+    ``decided`` False: the caller completes the stage in case a crash came between.
+
+    Deciding with the step is an optimisation, never a change of outcome: when it fails
+    (other than transiently) the transaction rolls back, and the step runs as
+    ``run_step`` does, its completion left to the caller. ``sagas`` finds the handlers
+    that decide the saga (by the row's name and version), as for ``complete``."""
+    started_at = datetime.now(UTC)
+    if delay:
+        time.sleep(delay)  # test-only (Settings.step_delay_seconds)
+    try:
+        with transaction(engine) as conn:
+            locked = store.lock_saga_first(conn, saga_id)
+            if locked is None or step in locked.outcomes:
+                raise _AlreadyRecorded  # or no such saga: as run_step finds it
+            reason = saga.apply(step, conn, payload)
+            status = StepStatus.APPLIED if reason is None else StepStatus.REFUSED
+            outcome = StepOutcome(step, status, reason)
+            now = datetime.now(UTC)
+            recorded = store.record_step(
+                conn, saga_id, outcome, started_at=started_at, now=now, attempts=attempt
+            )
+            if not recorded:
+                raise _AlreadyRecorded
+            failpoint("step.before_commit", step)
+            decided = _decide_with_step(conn, sagas, locked, outcome, deadline)
+    except _AlreadyRecorded:
+        outcome = run_step(engine, saga, saga_id, step, payload, attempt=attempt)
+        return StepRun(outcome)
+    except _DecideApart:
+        logger.warning("saga %s: deciding with step %s failed; the step runs alone", saga_id, step)
+        outcome = run_step(engine, saga, saga_id, step, payload, attempt=attempt)
+        return StepRun(outcome)
+    failpoint("step.after_commit", step)
+    if decided is None:
+        return StepRun(outcome, decided=True)
+    return StepRun(outcome, _decided(decided), decided=True)
+
+
+def _decide_with_step(
+    conn: Connection, sagas: Sagas, locked: LockedSaga, outcome: StepOutcome, deadline: timedelta
+) -> _Decided | None:
+    """In the step's transaction, under the saga's lock: decide the running stage if
+    this step's outcome was the last it lacked; None if other steps have none yet."""
+    outcomes = {**locked.outcomes, outcome.step: outcome}
+    if locked.state is not SagaState.RUNNING:
+        return None  # decided already (its missing steps recorded aborted) or under way
+    locked = LockedSaga(
+        locked.saga_id,
+        locked.name,
+        locked.state,
+        locked.reason,
+        locked.payload,
+        outcomes,
+        locked.redrives,
+        locked.created_at,
+        locked.recovery_attempts,
+        locked.trace_context,
+        version=locked.version,
+        stage=locked.stage,
+    )
+    try:
+        definition = handlers_for(sagas, locked).definition
+        running = definition.stages[locked.stage].steps
+        if any(step.name not in outcomes for step in running):
+            return None
+        return _decide_locked(conn, sagas, locked, None, running_only=True, deadline=deadline)
+    except Exception as exc:
+        # The decision takes rows (stock, credit) while the step holds the rows of its
+        # own effect: two sagas of one customer deciding at once may each wait for the
+        # other. PostgreSQL breaks that deadlock by failing one of them (after
+        # deadlock_timeout): that step decides apart, as after any failed decision.
+        if _deadlocked(exc) or not is_transient(exc):
+            raise _DecideApart from exc
+        raise
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """Whether PostgreSQL broke a deadlock by failing this transaction (40P01)."""
+    return getattr(getattr(exc, "orig", None), "pgcode", None) == "40P01"
+
+
 def complete(
     engine: Engine,
     saga: Sagas,
@@ -295,35 +416,78 @@ def _complete_once(
         locked = store.lock_saga(conn, saga_id)
         if locked is None:
             raise LookupError(f"no saga {saga_id}")
-        if locked.state in TERMINAL_STATES or (
-            running_only and locked.state is not SagaState.RUNNING
-        ):
-            logger.info("saga %s is already %s", saga_id, locked.state)
-            return Completion(None)
-        if locked.state is SagaState.COMPENSATION_FAILED:
-            cancel_reason = locked.reason  # finish the cancellation that was decided
-        handlers = handlers_for(saga, locked)
-        definition = handlers.definition
-        if within is not None:
-            within(conn)
-        outcomes = _outcomes(conn, definition, locked, abort_missing)
-        stage = locked.stage
-        decision = decide(definition, outcomes, stage=stage, cancel_reason=cancel_reason)
-        if decision.advances and expired is not None:
-            decision = decide(definition, outcomes, stage=stage, cancel_reason=expired)
-        if decision.advances:
-            moved_on = _advance(conn, definition, locked, decision, deadline)
-            failpoint("advance.before_commit", definition.name)
-        else:
-            _decide_in(conn, handlers, locked, decision)
-            failpoint("complete.before_commit", definition.name)
+        decided = _decide_locked(
+            conn,
+            saga,
+            locked,
+            abort_missing,
+            cancel_reason,
+            running_only,
+            within,
+            deadline,
+            expired,
+        )
+    return _decided(decided)
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """What a stage's decision did in its transaction, to be reported once it commits."""
+
+    completion: Completion
+    saga_id: UUID
+    name: str | None = None
+
+
+def _decide_locked(
+    conn: Connection,
+    saga: Sagas,
+    locked: LockedSaga,
+    abort_missing: str | None,
+    cancel_reason: str | None = None,
+    running_only: bool = False,
+    within: Within | None = None,
+    deadline: timedelta = STAGE_DEADLINE,
+    expired: str | None = None,
+) -> _Decided:
+    """Decide the locked saga's running stage and carry the decision out, in the
+    caller's transaction (see ``complete``)."""
+    saga_id = locked.saga_id
+    if locked.state in TERMINAL_STATES or (running_only and locked.state is not SagaState.RUNNING):
+        logger.info("saga %s is already %s", saga_id, locked.state)
+        return _Decided(Completion(None), saga_id)
+    if locked.state is SagaState.COMPENSATION_FAILED:
+        cancel_reason = locked.reason  # finish the cancellation that was decided
+    handlers = handlers_for(saga, locked)
+    definition = handlers.definition
+    if within is not None:
+        within(conn)
+    outcomes = _outcomes(conn, definition, locked, abort_missing)
+    stage = locked.stage
+    decision = decide(definition, outcomes, stage=stage, cancel_reason=cancel_reason)
+    if decision.advances and expired is not None:
+        decision = decide(definition, outcomes, stage=stage, cancel_reason=expired)
     if decision.advances:
-        failpoint("advance.after_commit", definition.name)
-        logger.info("saga %s moved on to stage %s", saga_id, decision.next_stage)
-        return moved_on
-    failpoint("complete.after_commit", definition.name)
-    logger.info("saga %s %s %s", saga_id, decision.state, decision.reason or "")
-    return Completion(decision, locked.created_at)
+        moved_on = _advance(conn, definition, locked, decision, deadline)
+        failpoint("advance.before_commit", definition.name)
+        return _Decided(moved_on, saga_id, definition.name)
+    _decide_in(conn, handlers, locked, decision)
+    failpoint("complete.before_commit", definition.name)
+    return _Decided(Completion(decision, locked.created_at), saga_id, definition.name)
+
+
+def _decided(decided: _Decided) -> Completion:
+    """Report a stage's decision once its transaction has committed."""
+    done, saga_id = decided.completion, decided.saga_id
+    if done.decision is None:
+        return done
+    if done.advanced_to is not None:
+        failpoint("advance.after_commit", decided.name)
+        logger.info("saga %s moved on to stage %s", saga_id, done.advanced_to)
+        return done
+    failpoint("complete.after_commit", decided.name)
+    logger.info("saga %s %s %s", saga_id, done.decision.state, done.decision.reason or "")
+    return done
 
 
 def _decide_in(

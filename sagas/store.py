@@ -112,6 +112,29 @@ _LOCK = prepared(
     # NO KEY UPDATE: steps inserting ledger rows (a key share on the saga) don't wait.
     .with_for_update(of=sagas, key_share=True),
 )
+#: The saga row alone, locked as ``_LOCK`` locks it (a step sent alone takes it first:
+#: see ``lock_saga_first``).
+_LOCK_ROW = prepared(
+    "lock_saga_row",
+    select(
+        _s.name,
+        _s.version,
+        _s.stage,
+        _s.state,
+        _s.reason,
+        _s.payload,
+        _s.redrives,
+        _s.created_at,
+        _s.recovery_attempts,
+        _s.trace_context,
+    )
+    .where(_s.id == bindparam("saga_id"))
+    .with_for_update(of=sagas, key_share=True),
+)
+_LEDGER = prepared(
+    "saga_ledger",
+    select(_st.step, _st.status, _st.reason).where(_st.saga_id == bindparam("saga_id")),
+)
 _FINISH = prepared(
     "finish_saga",
     update(sagas)
@@ -221,13 +244,33 @@ def lock_saga(conn: Connection, saga_id: UUID) -> LockedSaga | None:
     )
 
 
+def lock_saga_first(conn: Connection, saga_id: UUID) -> LockedSaga | None:
+    """Lock the saga row as ``lock_saga`` does, then read its ledger: two statements, so
+    that the ledger is read after the lock is granted (one statement's snapshot is taken
+    before it waits for the lock, and would miss the outcome that the lock's holder just
+    committed). For a step that takes the lock before its effect."""
+    first = conn.execute(_LOCK_ROW, {"saga_id": saga_id}).first()
+    if first is None:
+        return None
+    return LockedSaga(
+        saga_id,
+        first.name,
+        SagaState(first.state),
+        first.reason,
+        first.payload,
+        read_ledger(conn, saga_id),
+        first.redrives,
+        first.created_at,
+        first.recovery_attempts,
+        first.trace_context,
+        version=first.version,
+        stage=first.stage,
+    )
+
+
 def read_ledger(conn: Connection, saga_id: UUID) -> dict[str, StepOutcome]:
     """Every recorded step outcome of the saga."""
-    rows = conn.execute(
-        select(saga_steps.c.step, saga_steps.c.status, saga_steps.c.reason).where(
-            saga_steps.c.saga_id == saga_id
-        )
-    ).all()
+    rows = conn.execute(_LEDGER, {"saga_id": saga_id}).all()
     return {row.step: StepOutcome(row.step, StepStatus(row.status), row.reason) for row in rows}
 
 

@@ -253,10 +253,11 @@ def _register_step(app: Celery, runtime: Runtime, base: type[PolicyTask], task_n
     so the saga's completion still compensates.
 
     Sent in a chord, it returns its outcome to the chord, whose body completes the
-    stage. Sent alone (``SAGA_JOIN=database``, or a stage of one step), it completes
-    the stage itself once its outcome has committed, if every step of the stage has one
-    by then: of two steps finishing together, the later commit sees both outcomes (the
-    sweeper covers a step that died in between)."""
+    stage. Sent alone (``SAGA_JOIN=database``, or a stage of one step), it takes the
+    saga's lock first, so the steps of a stage take turns, and the last of them decides
+    the stage in its own transaction (``runner.run_step_and_complete``); a redelivered
+    step, or one whose decision failed, completes the stage after its commit instead
+    (the sweeper covers a step that died)."""
     sagas = runtime.sagas
 
     def resolve(kwargs: dict[str, Any]) -> tuple[SagaHandlers, Step]:
@@ -313,21 +314,41 @@ def _register_step(app: Celery, runtime: Runtime, base: type[PolicyTask], task_n
     ) -> dict[str, Any]:
         saga, step = resolve({"version": version})
         started = time.perf_counter()
-        outcome = briefly_retried(
-            lambda: runner.run_step(
+        definition = saga.definition
+        if self.request.chord:
+            outcome = briefly_retried(
+                lambda: runner.run_step(
+                    runtime.engine,
+                    saga,
+                    UUID(saga_id),
+                    step.name,
+                    payload,
+                    attempt=self.request.retries + 1,
+                    delay=runtime.settings.step_delay_seconds,
+                )
+            )
+            STEP_DURATION.labels(step.name).observe(time.perf_counter() - started)
+            return outcome.to_message()
+        # Sent alone: the stage's last step decides it in its own transaction.
+        run = briefly_retried(
+            lambda: runner.run_step_and_complete(
                 runtime.engine,
                 saga,
+                sagas,
                 UUID(saga_id),
                 step.name,
                 payload,
                 attempt=self.request.retries + 1,
                 delay=runtime.settings.step_delay_seconds,
+                deadline=runtime.recovery.deadline,
             )
         )
         STEP_DURATION.labels(step.name).observe(time.perf_counter() - started)
-        definition = saga.definition
-        join(self, UUID(saga_id), (definition.complete_task, definition.stage_of(step.name)))
-        return outcome.to_message()
+        if run.completion is not None:
+            _carry_on(app, runtime, run.completion)
+        if not run.decided:
+            join(self, UUID(saga_id), (definition.complete_task, definition.stage_of(step.name)))
+        return run.outcome.to_message()
 
     label = task_name.rpartition(".")[2] or task_name
     run_step.__name__ = run_step.__qualname__ = label

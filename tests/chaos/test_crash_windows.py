@@ -119,9 +119,10 @@ def test_a_completion_failing_inside_a_step_goes_on_as_its_own_task(
     make_stack: StackFactory, engine: Engine
 ) -> None:
     """With the database join, a completion that fails in the step that ran it does not
-    fail the step (no retry of the step, no dead letter): it is sent as a task of its
-    own, which confirms the order."""
-    stack = make_stack("complete.before_commit=raise*1", SAGA_JOIN="database")
+    fail the step (no retry of the step, no dead letter). It fails twice here: deciding
+    with the last step (the step then commits alone), then completing after the step;
+    it is then sent as a task of its own, which confirms the order."""
+    stack = make_stack("complete.before_commit=raise*2", SAGA_JOIN="database")
     api, w = stack.client(), world(engine)
     order_id = place(api, w, 2)
 
