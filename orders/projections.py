@@ -8,9 +8,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Uuid, bindparam, func, select
+from sqlalchemy import Connection, Uuid, bindparam, cast, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
+from config.database import prepared
 from orders import credit
 from orders.cache import CREDIT, DETAILS, STATUS, Caches, Entry
 from orders.domain import EventType
@@ -23,6 +24,39 @@ _o = orders.c
 _ORDERS = select(
     _o.id, _o.status, _o.cancel_reason, _o.updated_at, _o.version, _o.customer_id, _o.total
 ).where(_o.id == func.any(bindparam("ids", type_=ARRAY(Uuid))))
+_cs = customer_order_summaries.c
+#: What one pass adds to each customer's summary, one array per column (a statement of
+#: one shape whatever the number of customers, so it is compiled once and prepared).
+_SUMMED = (
+    "orders_placed",
+    "orders_confirmed",
+    "orders_cancelled",
+    "placed_total",
+    "confirmed_total",
+    "last_order_at",
+    "orders_refunded",
+    "refunded_total",
+)
+_deltas = (
+    func.unnest(
+        *(cast(bindparam(name), ARRAY(_cs[name].type)) for name in ("customer_id", *_SUMMED))
+    )
+    .table_valued("customer_id", *_SUMMED)
+    .render_derived()
+)
+_new = insert(customer_order_summaries).excluded
+_ADD_TO_SUMMARIES = prepared(
+    "add_to_summaries",
+    insert(customer_order_summaries)
+    .from_select(["customer_id", *_SUMMED], select(_deltas))
+    .on_conflict_do_update(
+        index_elements=[_cs.customer_id],
+        set_={
+            **{name: _cs[name] + _new[name] for name in _SUMMED if name != "last_order_at"},
+            "last_order_at": func.greatest(_cs.last_order_at, _new.last_order_at),
+        },
+    ),
+)
 #: Events after which a customer's credit figures are not what they were.
 CREDIT_CHANGES = frozenset(
     {
@@ -139,25 +173,16 @@ class CustomerSummaries:
                 delta["refunded_total"] += row.total
         if not deltas:
             return
-        s = customer_order_summaries.c
-        upsert = insert(customer_order_summaries).values(
-            [{"customer_id": customer, **delta} for customer, delta in deltas.items()]
-        )
-        new = upsert.excluded
+        customers = list(deltas)
         conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[s.customer_id],
-                set_={
-                    "orders_placed": s.orders_placed + new.orders_placed,
-                    "orders_confirmed": s.orders_confirmed + new.orders_confirmed,
-                    "orders_cancelled": s.orders_cancelled + new.orders_cancelled,
-                    "placed_total": s.placed_total + new.placed_total,
-                    "confirmed_total": s.confirmed_total + new.confirmed_total,
-                    "last_order_at": func.greatest(s.last_order_at, new.last_order_at),
-                    "orders_refunded": s.orders_refunded + new.orders_refunded,
-                    "refunded_total": s.refunded_total + new.refunded_total,
+            _ADD_TO_SUMMARIES,
+            {
+                "customer_id": customers,
+                **{
+                    column: [deltas[customer][column] for customer in customers]
+                    for column in _SUMMED
                 },
-            )
+            },
         )
 
 
