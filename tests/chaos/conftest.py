@@ -25,8 +25,8 @@ FAST_RECOVERY = {
     "TASK_TIME_LIMIT": "10",
 }
 
-#: Redis database pairs (broker, backend) no other stack uses.
-_databases = itertools.count(10, 2)
+#: Numbers the chaos stacks' directories.
+_stacks = itertools.count(1)
 
 StackFactory = Callable[..., Stack]
 
@@ -35,11 +35,14 @@ StackFactory = Callable[..., Stack]
 def make_stack(
     request: pytest.FixtureRequest, settings: Settings, servers: Servers
 ) -> Iterator[StackFactory]:
-    """Start a stack (API, worker, beat) with its own broker databases; stopped after.
+    """Start a stack (API, worker, beat) on a Redis server of its own; stopped after.
 
-    ``redis`` gives the stack a Redis server of its own (to crash it); ``workers``
-    names its worker nodes (by default one serving every lane)."""
+    A server of its own, not databases of the session's: what a crashed stack leaves
+    behind (a chord's keys, a beat's lock, unacked messages) meets no other test.
+    ``redis`` names that server (a test that crashes it starts it); ``workers`` names
+    its worker nodes (by default one serving every lane)."""
     started: list[Stack] = []
+    servers_started: list[LocalRedis] = []
     request.node.stacks = started  # for the failure report
 
     def start(
@@ -48,10 +51,13 @@ def make_stack(
         workers: list[WorkerSpec] | None = None,
         **env: str,
     ) -> Stack:
-        db = next(_databases)
-        server = redis or servers.redis
-        own = replace(settings, broker_url=server.url(db), result_backend_url=server.url(db + 1))
-        log_dir = servers.base / f"chaos-{db}"
+        number = next(_stacks)
+        log_dir = servers.base / f"chaos-{number}"
+        if redis is None:
+            redis = LocalRedis(log_dir, password=servers.redis.password, name="redis-server")
+            servers_started.append(redis)
+            redis.start()
+        own = replace(settings, broker_url=redis.url(0), result_backend_url=redis.url(1))
         stack = Stack(
             own,
             log_dir,
@@ -71,6 +77,8 @@ def make_stack(
     yield start
     for stack in started:
         stack.stop()
+    for server in servers_started:
+        server.stop()
 
 
 @pytest.hookimpl(wrapper=True)
