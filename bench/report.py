@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,14 @@ def plot(path: Path, bare: list[Level], saga: list[Level], slo: float) -> None:
     plt.close(fig)
 
 
+def _share(ratio: float, of: str) -> str:
+    """The saga's rate as a share of the bare chord's, or "no share" when either
+    sustained no rate of the ladder (under ``--profile``, say)."""
+    if math.isnan(ratio):
+        return f"no share of {of}: a system sustained no rate"
+    return f"**{ratio:.0%}** of {of}"
+
+
 def _row(level: Level) -> str:
     post = (
         (
@@ -124,7 +133,7 @@ def write_report(
         "",
         f"- Highest rate with p99 completion under {slo:g} s: bare chord "
         f"{top_bare.rate if top_bare else 0:.0f}/s, saga {top_saga.rate if top_saga else 0:.0f}/s "
-        f"(**{ratio:.0%}** of the bare chord).",
+        f"({_share(ratio, 'the bare chord')}).",
     ]
     if at50:
         lines.append(
@@ -178,7 +187,7 @@ def join_section(join: str, saga: list[Level], bare: list[Level], slo: float) ->
         f"## Order saga, steps joined by `{join}` (a stack of its own, same run)",
         "",
         f"- Highest rate with p99 completion under {slo:g} s: "
-        f"{top_saga.rate if top_saga else 0:.0f}/s (**{ratio:.0%}** of the bare chord above).",
+        f"{top_saga.rate if top_saga else 0:.0f}/s ({_share(ratio, 'the bare chord above')}).",
     ]
     at50 = next((lv for lv in saga if lv.rate == 50), None)
     if at50:
