@@ -75,10 +75,12 @@ def make_stack(
         return stack
 
     yield start
-    for stack in started:
-        stack.stop()
-    for server in servers_started:
-        server.stop()
+    try:
+        for stack in started:
+            stack.stop()
+    finally:
+        for server in servers_started:
+            server.stop()
 
 
 @pytest.hookimpl(wrapper=True)
